@@ -1,0 +1,64 @@
+"""What every Tessera resource shares: camelCase on the wire, snake_case in Python, strict fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+# DNS-1123 label: names that end up in object names, label values and adapter names.
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+DnsLabel = Annotated[str, Field(pattern=DNS1123_LABEL, min_length=1, max_length=63)]
+DnsSubdomain = Annotated[str, Field(pattern=DNS1123_SUBDOMAIN, min_length=1, max_length=253)]
+
+# Human wording for the patterns above, used in error messages instead of the raw regex.
+PATTERN_WORDS = {
+    DNS1123_LABEL: "must be a DNS-1123 label (lower-case letters, digits and '-', starting and ending "
+    "with a letter or digit, at most 63 characters)",
+    DNS1123_SUBDOMAIN: "must be a DNS-1123 subdomain (lower-case letters, digits, '-' and '.')",
+    SHA256_HEX: "must be a sha256 digest (64 lower-case hexadecimal characters)",
+}
+
+
+class KubeModel(BaseModel):
+    """Base of every spec/status model: camelCase aliases, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase dict a Kubernetes client sends, without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ObjectMeta(BaseModel):
+    """The parts of Kubernetes ObjectMeta Tessera reads; everything else is kept as is."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: DnsLabel
+    namespace: DnsLabel = "default"
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Condition(KubeModel):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str
+    status: str = Field(pattern=r"^(True|False|Unknown)$")
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
