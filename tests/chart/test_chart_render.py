@@ -1,0 +1,546 @@
+"""charts/tessera rendered by the real helm binary, for the default values and the combinations
+users install: a GPU node pool with taints, a private registry, a ServiceMonitor, no
+NetworkPolicies, and an operator confined to a few namespaces.
+
+What stands in for a cluster: no Kubernetes API server can run here, so every rendered document
+is checked against the schema an API server would apply. Core kinds go through
+kubernetes-validate in strict mode (unknown fields are errors) for the oldest Kubernetes the
+chart supports and the newest the package knows; custom resources go through
+tests/crds/schemas.py against the upstream CRDs (Argo, KServe, Kubeflow) and the chart's own
+(Tessera, kopf peering). The ServiceMonitor's CRD is not vendored: its test checks it selects
+what it should.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.chart.helm import CHART, NAMESPACE, REPO, documents, lint, of_kind, one, render, require_helm, run_helm
+from tests.crds.schemas import known_kinds, validate_against_crd
+
+# The chart's floor (Chart.yaml kubeVersion) and the newest schemas kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
+SCHEMALESS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+DEFAULT_SECRET = "tessera-store"  # noqa: S105 (a Secret's name, not a credential)
+
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+COMBINATIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gpu-node-pool": {
+        "gpuNodePool.nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+        "gpuNodePool.tolerations": [GPU_TOLERATION],
+        "serving.runtime.gpus": 2,
+    },
+    "private-registry": {
+        "global.imageRegistry": "registry.bank.internal/mirror",
+        "global.imagePullSecrets": ["bank-registry"],
+        "images.server.digest": "sha256:" + "ab" * 32,
+    },
+    "service-monitor": {
+        "serviceMonitor.enabled": True,
+        "serviceMonitor.labels": {"release": "kube-prometheus-stack"},
+    },
+    "no-network-policy": {"networkPolicy.enabled": False},
+    "namespaced": {
+        "watchNamespaces": ["research", "trading"],
+        "jobNamespaces": ["research"],
+        "networkPolicy.apiServer.cidrs": ["10.0.0.1/32"],
+        "gpu.resourceName": "amd.com/gpu",
+    },
+}
+
+
+def schema_problems(doc: dict[str, Any]) -> list[str]:
+    group, _, version = doc["apiVersion"].rpartition("/")
+    if (group, version, doc["kind"]) in known_kinds():
+        return validate_against_crd(doc)
+    problems = []
+    for kubernetes in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, kubernetes, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            where = ".".join(str(part) for part in error.absolute_path) or "<root>"
+            problems.append(f"Kubernetes {kubernetes}: {where}: {error.message}")
+    return problems
+
+
+def name_of(doc: dict[str, Any]) -> str:
+    return f"{doc['kind']} {doc['metadata'].get('namespace', '')}/{doc['metadata']['name']}"
+
+
+def deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")
+
+
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+
+
+def runtime_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "ClusterServingRuntime")["spec"]["containers"][0]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def substituted_pytorchjob(template: dict[str, Any]) -> dict[str, Any]:
+    """The train step's PyTorchJob with the workflow parameters at their defaults, as Argo makes it."""
+    defaults = {p["name"]: p.get("value", "") for p in template["spec"]["arguments"]["parameters"]}
+    defaults |= {"job-name": "fpb-sentiment", "pytorchjob-name": "fpb-sentiment-train"}
+    (resource,) = [t["resource"] for t in template["spec"]["templates"] if "resource" in t]
+    text = re.sub(r"\{\{workflow\.parameters\.([a-z-]+)\}\}", lambda m: defaults[m.group(1)], resource["manifest"])
+    return yaml.safe_load(text.replace("{{workflow.name}}", "fpb-sentiment-abcde"))
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_helm_lint_strict_passes(combination: str) -> None:
+    result = lint(COMBINATIONS[combination])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_every_rendered_document_validates_against_its_schema(combination: str) -> None:
+    docs = render(COMBINATIONS[combination])
+    problems = {name_of(doc): schema_problems(doc) for doc in docs
+                if (doc["apiVersion"], doc["kind"]) not in SCHEMALESS}
+    for template in of_kind(docs, "WorkflowTemplate"):
+        problems[f"PyTorchJob of {name_of(template)}"] = validate_against_crd(substituted_pytorchjob(template))
+    assert {name: found for name, found in problems.items() if found} == {}
+    kinds = {doc["kind"] for doc in docs}
+    assert {"CustomResourceDefinition", "Deployment", "ClusterServingRuntime", "WorkflowTemplate"} <= kinds
+
+
+def test_crds_ship_with_the_chart() -> None:
+    crds = {doc["metadata"]["name"] for doc in of_kind(render(), "CustomResourceDefinition")}
+    assert crds == {"finetunejobs.tessera.dev", "adapters.tessera.dev",
+                    "clusterkopfpeerings.zalando.org", "kopfpeerings.zalando.org"}
+
+
+# --- RBAC -----------------------------------------------------------------------------------
+
+OPERATOR_NAMESPACED_GRANTS = {
+    ("tessera.dev", "finetunejobs"): {"list", "watch", "patch"},
+    ("tessera.dev", "adapters"): {"get", "list", "watch", "create", "patch"},
+    ("tessera.dev", "finetunejobs/status"): {"patch"},
+    ("tessera.dev", "adapters/status"): {"patch"},
+    ("", "configmaps"): {"get", "create"},
+    ("argoproj.io", "workflows"): {"get", "create"},
+    ("kubeflow.org", "pytorchjobs"): {"get"},
+    ("serving.kserve.io", "inferenceservices"): {"get", "create"},
+    ("", "pods"): {"list"},
+    ("", "events"): {"create"},
+    ("zalando.org", "kopfpeerings"): {"get", "list", "watch", "patch"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+}
+KOPF_CLUSTER_GRANTS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+CLUSTER_PEERING_GRANTS = {
+    ("zalando.org", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
+    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
+}
+WORKFLOW_GRANTS = {
+    ("argoproj.io", "workflowtaskresults"): {"create", "patch"},
+    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch"},
+}
+
+
+def grants(role: dict[str, Any], *, skip_secrets: bool = True) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) → verbs that `role` grants."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                if not (skip_secrets and resource == "secrets"):
+                    out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def roles_bound_to(docs: list[dict[str, Any]], account: str, namespace: str) -> list[dict[str, Any]]:
+    bindings = [b for b in docs if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                and {"kind": "ServiceAccount", "name": account, "namespace": namespace} in b["subjects"]]
+    roles = []
+    for binding in bindings:
+        ref = binding["roleRef"]
+        matches = [r for r in docs if r["kind"] == ref["kind"] and r["metadata"]["name"] == ref["name"]
+                   and r["metadata"].get("namespace") == binding["metadata"].get("namespace")]
+        assert len(matches) == 1, f"{name_of(binding)} refers to a missing {ref['kind']} {ref['name']}"
+        roles.append(matches[0])
+    return roles
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_rbac_has_no_wildcard(combination: str) -> None:
+    for role in of_kind(render(COMBINATIONS[combination]), "Role") + of_kind(render(COMBINATIONS[combination]),
+                                                                             "ClusterRole"):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert not any("*" in item for item in rule.get(field, [])), f"{name_of(role)}: {field} {rule}"
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_secrets_are_readable_by_name_only(combination: str) -> None:
+    docs = render(COMBINATIONS[combination])
+    secret_rules = [(role, rule) for role in of_kind(docs, "Role") + of_kind(docs, "ClusterRole")
+                    for rule in role["rules"] if "secrets" in rule["resources"]]
+    assert secret_rules, "the operator must be able to read the store Secret"
+    for role, rule in secret_rules:
+        assert role["kind"] == "Role", f"{name_of(role)} grants on Secrets cluster-wide"
+        assert rule == {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [DEFAULT_SECRET],
+                        "verbs": ["get"]}, name_of(role)
+    namespaces = {role["metadata"]["namespace"] for role, _ in secret_rules}
+    job_namespaces = {t["metadata"]["namespace"] for t in of_kind(docs, "WorkflowTemplate")}
+    assert namespaces == job_namespaces | {NAMESPACE}
+
+
+def test_operator_watching_all_namespaces_gets_exactly_its_grants_cluster_wide() -> None:
+    docs = render()
+    roles = roles_bound_to(docs, account=operator_account(docs), namespace=NAMESPACE)
+    cluster = [r for r in roles if r["kind"] == "ClusterRole"]
+    assert len(cluster) == 1
+    assert grants(cluster[0]) == OPERATOR_NAMESPACED_GRANTS | KOPF_CLUSTER_GRANTS | CLUSTER_PEERING_GRANTS
+
+
+def test_operator_confined_to_namespaces_gets_roles_there_and_only_kopf_reads_cluster_wide() -> None:
+    docs = render(COMBINATIONS["namespaced"])
+    roles = roles_bound_to(docs, account=operator_account(docs), namespace=NAMESPACE)
+    (cluster,) = [r for r in roles if r["kind"] == "ClusterRole"]
+    assert grants(cluster) == KOPF_CLUSTER_GRANTS | {("", "namespaces"): {"list", "watch"}}
+    by_namespace = {r["metadata"]["namespace"]: grants(r) for r in roles if r["kind"] == "Role" and grants(r)}
+    assert by_namespace == {"research": OPERATOR_NAMESPACED_GRANTS, "trading": OPERATOR_NAMESPACED_GRANTS}
+
+
+def test_operator_module_exists_and_may_watch_and_patch_what_its_handlers_handle() -> None:
+    module = next(a for a in operator_container(render())["args"] if a.startswith("--module="))
+    module = module.removeprefix("--module=")
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        pytest.skip(f"{module} is not importable here")
+    import kopf
+
+    importlib.import_module(module)
+    registry = kopf.get_default_registry()
+    handled = {(h.selector.group, h.selector.plural or h.selector.any_name)
+               for part in (registry._changing, registry._watching, registry._spawning, registry._indexing)
+               for h in part.get_all_handlers()}
+    assert handled, f"{module} registers no resource handler"
+    for resource in handled:
+        assert {"list", "watch", "patch"} <= OPERATOR_NAMESPACED_GRANTS.get(resource, set()), resource
+
+
+@pytest.mark.parametrize("combination", ["default", "namespaced"])
+def test_workflow_service_account_may_only_run_the_training_step(combination: str) -> None:
+    docs = render(COMBINATIONS[combination])
+    for template in of_kind(docs, "WorkflowTemplate"):
+        namespace = template["metadata"]["namespace"]
+        account = template["spec"]["serviceAccountName"]
+        assert any(sa["metadata"] == sa["metadata"] | {"name": account, "namespace": namespace}
+                   for sa in of_kind(docs, "ServiceAccount"))
+        roles = roles_bound_to(docs, account=account, namespace=namespace)
+        assert [grants(r, skip_secrets=False) for r in roles] == [WORKFLOW_GRANTS]
+
+
+def operator_account(docs: list[dict[str, Any]]) -> str:
+    return deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+# --- pod security ---------------------------------------------------------------------------
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """name → (pod-level securityContext, containers) for every pod the chart's objects start."""
+    specs = {}
+    for doc in of_kind(docs, "Deployment"):
+        pod = doc["spec"]["template"]["spec"]
+        specs[name_of(doc)] = (pod.get("securityContext", {}), pod["containers"])
+    for doc in of_kind(docs, "ClusterServingRuntime"):
+        # A ServingRuntime has no pod-level securityContext: its containers carry it all.
+        specs[name_of(doc)] = ({}, doc["spec"]["containers"])
+    for doc in of_kind(docs, "WorkflowTemplate"):
+        steps = [t["container"] for t in doc["spec"]["templates"] if "container" in t]
+        specs[name_of(doc)] = (doc["spec"].get("securityContext", {}), steps)
+        for role, replica in substituted_pytorchjob(doc)["spec"]["pytorchReplicaSpecs"].items():
+            pod = replica["template"]["spec"]
+            specs[f"{role} of {name_of(doc)}"] = (pod.get("securityContext", {}), pod["containers"])
+    return specs
+
+
+@pytest.mark.parametrize("combination", ["default", "gpu-node-pool"])
+def test_every_container_runs_non_root_with_a_read_only_root_filesystem(combination: str) -> None:
+    specs = pod_specs(render(COMBINATIONS[combination]))
+    assert len(specs) >= 5
+    for name, (pod, containers) in specs.items():
+        assert containers, name
+        for container in containers:
+            context = pod | container.get("securityContext", {})
+            where = f"{name}: container {container.get('name', 'main')}"
+            assert context.get("runAsNonRoot") is True, where
+            assert context.get("runAsUser", 1) != 0, where
+            assert context.get("readOnlyRootFilesystem") is True, where
+            assert context.get("allowPrivilegeEscalation") is False, where
+            assert "ALL" in context.get("capabilities", {}).get("drop", []), where
+            assert context.get("privileged") is not True, where
+
+
+def test_operator_pod_is_hardened_and_probed_on_kopf_health_endpoint() -> None:
+    docs = render()
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = operator_container(docs)
+    assert container["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["resources"]["limits"] and container["resources"]["requests"]
+    liveness = next(a for a in container["args"] if a.startswith("--liveness="))
+    match = re.fullmatch(r"--liveness=http://0\.0\.0\.0:(\d+)(/\S+)", liveness)
+    assert match, liveness
+    port_named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert (port_named[get["port"]], get["path"]) == (int(match.group(1)), match.group(2)), probe
+    # A read-only root filesystem still needs a writable /tmp for Python.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == mounts["/tmp"])
+
+
+# --- kopf peering: one active operator --------------------------------------------------------
+
+
+def peering_name(docs: list[dict[str, Any]]) -> str:
+    (arg,) = [a for a in operator_container(docs)["args"] if a.startswith("--peering=")]
+    return arg.removeprefix("--peering=")
+
+
+def test_operator_watching_all_namespaces_joins_a_cluster_peering_the_chart_creates() -> None:
+    docs = render()
+    args = operator_container(docs)["args"]
+    assert "--all-namespaces" in args and not any(a.startswith("--namespace=") for a in args)
+    (peering,) = of_kind(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == peering_name(docs)
+    assert of_kind(docs, "KopfPeering") == []
+    spec = deployment(docs)["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod_id = {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    assert pod_id in operator_container(docs)["env"]
+
+
+def test_operator_confined_to_namespaces_joins_a_peering_in_each() -> None:
+    docs = render(COMBINATIONS["namespaced"])
+    args = operator_container(docs)["args"]
+    assert [a for a in args if a.startswith("--namespace=")] == ["--namespace=research", "--namespace=trading"]
+    assert "--all-namespaces" not in args
+    peerings = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in of_kind(docs, "KopfPeering")}
+    assert peerings == {("research", peering_name(docs)), ("trading", peering_name(docs))}
+    assert of_kind(docs, "ClusterKopfPeering") == []
+
+
+def test_peering_object_also_in_kopf_dev_group_where_the_cluster_serves_it() -> None:
+    """kopf pauses until a peering object exists in every peering group the cluster serves."""
+    docs = render({}, "--api-versions", "kopf.dev/v1")
+    assert sorted(p["apiVersion"] for p in of_kind(docs, "ClusterKopfPeering")) == ["kopf.dev/v1", "zalando.org/v1"]
+
+
+# --- serving runtime --------------------------------------------------------------------------
+
+
+def test_serving_runtime_serves_tessera_and_huggingface_on_8080_with_probes_and_adapter_list() -> None:
+    runtime = one(render(), "ClusterServingRuntime")
+    assert runtime["metadata"]["name"] == "tessera"
+    formats = {f["name"]: f for f in runtime["spec"]["supportedModelFormats"]}
+    assert set(formats) == {"tessera", "huggingface"}
+    assert formats["tessera"]["autoSelect"] is True and formats["huggingface"]["autoSelect"] is False
+    container = runtime["spec"]["containers"][0]
+    assert container["command"] == ["tessera", "serve"]
+    assert "--port=8080" in container["args"] and {"containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == 8080, probe
+    (adapters_file,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--adapters-file=")]
+    (mount,) = [m for m in container["volumeMounts"] if adapters_file.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in runtime["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"] == {"name": "tessera-adapters", "optional": True}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["envFrom"] == [{"secretRef": {"name": DEFAULT_SECRET}}]
+
+
+def test_gpu_node_pool_places_the_predictors_on_it() -> None:
+    values = COMBINATIONS["gpu-node-pool"]
+    docs = render(values)
+    runtime = one(docs, "ClusterServingRuntime")["spec"]
+    assert runtime["nodeSelector"] == values["gpuNodePool.nodeSelector"]
+    assert runtime["tolerations"] == [GPU_TOLERATION]
+    resources = runtime["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "2"
+    assert deployment(docs)["spec"]["template"]["spec"].get("tolerations") is None
+
+
+def test_gpu_resource_name_reaches_runtime_operator_and_workflow() -> None:
+    docs = render(COMBINATIONS["namespaced"])
+    assert runtime_container(docs)["resources"]["limits"]["amd.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in runtime_container(docs)["resources"]["limits"]
+    assert env_of(operator_container(docs))["TESSERA_GPU_RESOURCE"] == "amd.com/gpu"
+    template = one(docs, "WorkflowTemplate")
+    defaults = {p["name"]: p["value"] for p in template["spec"]["arguments"]["parameters"]}
+    assert defaults["gpu-resource"] == "amd.com/gpu"
+    limits = substituted_pytorchjob(template)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "containers"][0]["resources"]["limits"]
+    assert set(limits) == {"amd.com/gpu"}
+
+
+def test_cpu_only_serving_requests_no_gpu() -> None:
+    resources = runtime_container(render({"serving.runtime.gpus": 0}))["resources"]
+    assert not any("gpu" in key for part in resources.values() for key in part)
+
+
+# --- images and registries --------------------------------------------------------------------
+
+
+def all_images(docs: list[dict[str, Any]]) -> list[str]:
+    images = [c["image"] for _, containers in pod_specs(docs).values() for c in containers
+              if not c["image"].startswith("{{")]
+    images += [p["value"] for t in of_kind(docs, "WorkflowTemplate") for p in t["spec"]["arguments"]["parameters"]
+               if p["name"] == "image"]
+    images.append(env_of(operator_container(docs))["TESSERA_TRAINER_IMAGE"])
+    return images
+
+
+def test_default_images_are_the_projects_at_the_chart_app_version() -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    images = set(all_images(render()))
+    assert images == {f"ghcr.io/tessera-ml/tessera-{name}:{app_version}" for name in ("operator", "server", "trainer")}
+
+
+def test_private_registry_rewrites_every_image_and_hands_out_the_pull_secret() -> None:
+    docs = render(COMBINATIONS["private-registry"])
+    images = all_images(docs)
+    assert images and all(i.startswith("registry.bank.internal/mirror/tessera-ml/") for i in images), images
+    assert runtime_container(docs)["image"].endswith("@sha256:" + "ab" * 32)
+    pull = [{"name": "bank-registry"}]
+    assert deployment(docs)["spec"]["template"]["spec"]["imagePullSecrets"] == pull
+    assert one(docs, "ClusterServingRuntime")["spec"]["imagePullSecrets"] == pull
+    template = one(docs, "WorkflowTemplate")
+    assert template["spec"]["imagePullSecrets"] == pull
+    (account,) = [sa for sa in of_kind(docs, "ServiceAccount")
+                  if sa["metadata"]["name"] == template["spec"]["serviceAccountName"]]
+    assert account["imagePullSecrets"] == pull
+
+
+# --- store ----------------------------------------------------------------------------------
+
+
+def test_store_endpoint_and_secret_reach_the_operator_and_the_predictors() -> None:
+    docs = render({"store.endpoint": "minio.storage:9000", "store.useHttps": True, "store.existingSecret": "s3-creds",
+                   "store.uri": "s3://bank-ml/tessera"})
+    operator = operator_container(docs)
+    assert operator["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    env = env_of(operator)
+    assert (env["S3_ENDPOINT"], env["S3_USE_HTTPS"]) == ("minio.storage:9000", "1")
+    assert (env["TESSERA_STORE_URI"], env["TESSERA_STORE_SECRET"]) == ("s3://bank-ml/tessera", "s3-creds")
+    runtime = runtime_container(docs)
+    assert env_of(runtime)["S3_ENDPOINT"] == "minio.storage:9000"
+    assert "--allowed-prefix=s3://bank-ml/tessera" in runtime["args"]
+    template = one(docs, "WorkflowTemplate")
+    assert {"name": "store-secret", "value": "s3-creds"} in template["spec"]["arguments"]["parameters"]
+    # No credential value is ever rendered: only the Secret's name travels.
+    assert not any(e.get("name", "").startswith("AWS_SECRET") for c in (operator, runtime) for e in c["env"])
+
+
+# --- NetworkPolicies and ServiceMonitor -------------------------------------------------------
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_network_policies_cover_operator_egress_and_predictor_ingress() -> None:
+    docs = render()
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
+    operator_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    predictor_labels = one(docs, "ClusterServingRuntime")["spec"]["labels"]
+    (operator,) = [p for p in policies.values() if selects(p["podSelector"], operator_labels)]
+    (predictors,) = [p for p in policies.values() if selects(p["podSelector"], predictor_labels)]
+    assert operator["policyTypes"] == ["Ingress", "Egress"] and operator["ingress"] == []
+    egress_ports = {port["port"] for rule in operator["egress"] for port in rule["ports"]}
+    assert {53, 443, 6443, 9000, 8080} <= egress_ports
+    (to_predictors,) = [r for r in operator["egress"] if r["ports"] == [{"protocol": "TCP", "port": 8080}]]
+    assert all(selects(peer["podSelector"], predictor_labels) for peer in to_predictors["to"])
+    sources = predictors["ingress"][0]["from"]
+    assert any(selects(peer.get("podSelector", {}), operator_labels) and peer.get("namespaceSelector")
+               == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}} for peer in sources)
+
+
+def test_network_policies_can_be_turned_off() -> None:
+    assert of_kind(render(COMBINATIONS["no-network-policy"]), "NetworkPolicy") == []
+
+
+def test_api_server_cidrs_narrow_the_operator_egress() -> None:
+    docs = render(COMBINATIONS["namespaced"])
+    (operator,) = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["namespace"] == NAMESPACE]
+    (to_api,) = [r for r in operator["spec"]["egress"] if {"protocol": "TCP", "port": 443} in r["ports"]]
+    assert to_api["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+
+
+def test_service_monitor_scrapes_tessera_predictors_only() -> None:
+    docs = render(COMBINATIONS["service-monitor"])
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    runtime = one(docs, "ClusterServingRuntime")["spec"]
+    assert monitor["spec"]["selector"]["matchLabels"] == runtime["labels"]
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["targetPort"] == runtime["containers"][0]["ports"][0]["containerPort"]
+    assert endpoint["path"] == runtime["annotations"]["prometheus.kserve.io/path"] == "/metrics"
+    assert of_kind(render(), "ServiceMonitor") == []
+
+
+# --- the WorkflowTemplate stays the one pipelines/ renders ------------------------------------
+
+
+def test_chart_ships_the_rendered_pipeline_file_itself() -> None:
+    shipped = CHART / "files" / "workflowtemplate.yaml"
+    assert shipped.is_symlink(), "files/workflowtemplate.yaml must link to pipelines/workflowtemplate.yaml"
+    assert shipped.resolve() == (REPO / "pipelines" / "workflowtemplate.yaml").resolve()
+
+
+def test_chart_workflow_template_is_the_pipeline_code_plus_installation_settings() -> None:
+    from tessera_pipelines import build_workflow_template
+
+    rendered = one(render(), "WorkflowTemplate")
+    expected = build_workflow_template()
+    labels = deployment(render())["metadata"]["labels"]
+    expected["metadata"]["namespace"] = NAMESPACE
+    expected["metadata"]["labels"] = {k: v for k, v in labels.items() if k != "app.kubernetes.io/component"} | \
+        expected["metadata"]["labels"]
+    expected["spec"]["serviceAccountName"] = "tessera-pipeline"
+    installation = {"image": env_of(operator_container(render()))["TESSERA_TRAINER_IMAGE"],
+                    "store-secret": DEFAULT_SECRET, "gpu-resource": "nvidia.com/gpu"}
+    for parameter in expected["spec"]["arguments"]["parameters"]:
+        parameter["value"] = installation.get(parameter["name"], parameter["value"])
+    assert rendered == expected
+
+
+def test_packaged_chart_carries_the_workflow_template_and_renders(tmp_path: Path) -> None:
+    """`helm package` (what goes to the OCI registry) resolves the link into the archive."""
+    helm = require_helm()
+    packaged = run_helm(helm, "package", str(CHART), "--destination", str(tmp_path))
+    assert packaged.returncode == 0, packaged.stderr
+    (archive,) = tmp_path.glob("tessera-*.tgz")
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("tessera/files/workflowtemplate.yaml")
+        assert member.isfile()
+        shipped = tar.extractfile(member).read().decode()
+    assert shipped == (REPO / "pipelines" / "workflowtemplate.yaml").read_text()
+    rendered = run_helm(helm, "template", "tessera", str(archive), "--namespace", NAMESPACE)
+    assert rendered.returncode == 0, rendered.stderr
+    assert one(documents(rendered.stdout), "WorkflowTemplate") == one(render(), "WorkflowTemplate")
+
+
+def test_workflow_template_in_every_job_namespace() -> None:
+    docs = render({"jobNamespaces": ["research", "risk"]})
+    assert sorted(t["metadata"]["namespace"] for t in of_kind(docs, "WorkflowTemplate")) == ["research", "risk"]
+    assert {t["metadata"]["name"] for t in of_kind(docs, "WorkflowTemplate")} == {"tessera-finetune"}
