@@ -122,8 +122,6 @@ def test_runtime_container_serves_its_probes_and_metrics(start_runtime: Any) -> 
     assert status == 200 and "tiny" in body
 
 
-@pytest.mark.xfail(strict=True, reason="tessera serve never turns ready when --adapters-file does not exist, "
-                   "which is the case while the optional adapter-list ConfigMap is absent (reported)")
 def test_runtime_turns_ready_without_the_adapter_list_configmap(start_runtime: Any) -> None:
     container, port, log = start_runtime(adapter_list=None)
     wait_ready(container, port, log, seconds=5)

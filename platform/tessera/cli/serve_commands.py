@@ -1,7 +1,53 @@
-"""Placeholder until the owning issue fills it in."""
+"""`tessera serve`: one base model, many LoRA adapters, OpenAI-compatible and KServe endpoints."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    app.command("serve")(serve_command)
+
+
+def serve_command(
+    model: str = typer.Option(..., "--model", help="Base model: store URI (s3://...) or model directory."),
+    port: int = typer.Option(8080, help="Port (a KServe predictor listens on 8080)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 in a pod."),
+    adapters_file: Path = typer.Option(
+        None, help="JSON or YAML list of {name, path, sha256} loaded at start-up (a mounted ConfigMap)."
+    ),
+    max_loras: int = typer.Option(8, help="Adapters resident at once; the least recently used is evicted."),
+    max_lora_rank: int = typer.Option(64, help="Adapters of higher rank are refused."),
+    allowed_prefix: list[str] = typer.Option(
+        [], "--allowed-prefix", help="Store URI or directory adapters may be loaded from (repeatable)."
+    ),
+    served_model_name: str = typer.Option(None, help="Name of the base model in requests (default: its own)."),
+    max_batch_size: int = typer.Option(32, help="Most sequences in one forward pass."),
+    max_wait_ms: float = typer.Option(5.0, help="How long an idle server gathers a burst into one batch."),
+    max_model_len: int = typer.Option(None, help="Context length limit (default: the model's)."),
+    quantization: str = typer.Option("auto", help="auto (4bit on GPU, none on CPU), 4bit, 8bit or none."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."),
+    cache_dir: Path = typer.Option(None, help="Where store downloads go (default: a temporary directory)."),
+    cpu_threads: int = typer.Option(None, help="Torch threads on a CPU (default: all cores but one)."),
+) -> None:
+    """Serve a base model and hot-loaded LoRA adapters (OpenAI, vLLM adapter API, KServe v1/v2)."""
+    from pydantic import ValidationError
+
+    from tessera.errors import InvalidSpecError
+    from tessera.serve.app import ServeSettings, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ServeSettings(
+            model=model, port=port, host=host, adapters_file=adapters_file, max_loras=max_loras,
+            max_lora_rank=max_lora_rank, allowed_prefixes=allowed_prefix, served_model_name=served_model_name,
+            max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_model_len=max_model_len,
+            quantization=quantization, dtype=dtype, cache_dir=cache_dir, cpu_threads=cpu_threads,
+        )
+    except ValidationError as error:
+        raise InvalidSpecError([f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()],
+                               source="tessera serve") from None
+    serve(settings)

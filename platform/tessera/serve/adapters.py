@@ -1,0 +1,321 @@
+"""LoRA adapters: where they may come from, whether they fit the base, and their weights.
+
+An adapter directory is standard PEFT (`adapter_config.json`, `adapter_model.safetensors`, and
+Tessera's optional `model-card.json`). Everything is checked before any weight touches the model,
+and every refusal says why, with a stable `code` the operator can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tessera.errors import TesseraError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_CARD_FILE = "model-card.json"
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
+
+
+class AdapterError(TesseraError):
+    """An adapter was refused. `status` is the HTTP status, `code` a stable machine-readable reason."""
+
+    def __init__(self, message: str, *, code: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """What an adapter must match: the served base model's identity and its LoRA-able layers."""
+
+    name: str | None
+    architecture: str | None
+    vocab_size: int
+    linear_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features)
+
+    @classmethod
+    def of(cls, model: Any, name: str | None) -> BaseModelSpec:
+        shapes = {
+            module_name: (module.in_features, module.out_features)
+            for module_name, module in model.named_modules()
+            if hasattr(module, "in_features") and hasattr(module, "out_features") and module_name
+        }
+        architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+        return cls(name=name, architecture=architectures[0], vocab_size=model.config.vocab_size, linear_shapes=shapes)
+
+
+class AdapterConfig(BaseModel):
+    """The parts of PEFT's `adapter_config.json` the server relies on (other keys are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    peft_type: str = "LORA"
+    r: int = Field(8, ge=1)
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    base_model_name_or_path: str | None = None
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+
+def check_allowed(path: str, allowed_prefixes: list[str]) -> None:
+    """Refuse a path outside every allowed prefix (no prefixes: anything is allowed).
+
+    Local paths are compared after resolving symlinks and `..`; s3:// URIs segment by segment.
+    """
+    if not allowed_prefixes:
+        return
+    if path.startswith("s3://"):
+        parts = [p for p in path[len("s3://"):].split("/") if p not in ("", ".")]
+        if ".." not in parts:
+            for prefix in allowed_prefixes:
+                if prefix.startswith("s3://"):
+                    allowed = [p for p in prefix[len("s3://"):].split("/") if p]
+                    if parts[: len(allowed)] == allowed:
+                        return
+    else:
+        resolved = Path(os.path.realpath(path.removeprefix("file://")))
+        for prefix in allowed_prefixes:
+            if not prefix.startswith("s3://"):
+                root = Path(os.path.realpath(prefix.removeprefix("file://")))
+                if resolved == root or root in resolved.parents:
+                    return
+    raise AdapterError(
+        f"lora_path {path!r} is outside the allowed prefixes ({', '.join(allowed_prefixes)})",
+        code="path_not_allowed",
+        status=403,
+    )
+
+
+def read_adapter_files(directory: Path) -> tuple[AdapterConfig, dict[str, Any]]:
+    """The adapter's config and model card, refusing a directory that is not a PEFT adapter."""
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{directory} has no {CONFIG_FILE}: not a PEFT adapter directory", code="adapter_corrupt")
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise AdapterError(f"{directory} has no {WEIGHTS_FILE}", code="adapter_corrupt")
+    try:
+        config = AdapterConfig.model_validate(json.loads(config_path.read_text()))
+    except (ValueError, ValidationError) as error:
+        raise AdapterError(f"{CONFIG_FILE} is not a valid PEFT LoRA config: {error}", code="adapter_corrupt") from None
+    card: dict[str, Any] = {}
+    card_path = directory / MODEL_CARD_FILE
+    if card_path.is_file():
+        try:
+            card = json.loads(card_path.read_text())
+        except ValueError as error:
+            raise AdapterError(f"{MODEL_CARD_FILE} is not valid JSON: {error}", code="adapter_corrupt") from None
+    return config, card
+
+
+def weights_sha256(directory: Path) -> str:
+    """The adapter's digest: sha256 of `adapter_model.safetensors` (what Adapter.spec.sha256 holds)."""
+    digest = hashlib.sha256()
+    with (directory / WEIGHTS_FILE).open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~", "file://", "s3://")) or os.path.isabs(name) or os.path.exists(name)
+
+
+def declared_base_name(config: AdapterConfig, card: dict[str, Any]) -> str | None:
+    """The base model the adapter says it was trained on: the model card first, then PEFT's config."""
+    card_base = card.get("baseModel")
+    if isinstance(card_base, dict):
+        card_base = card_base.get("name")
+    return card_base or config.base_model_name_or_path
+
+
+def compatibility_problems(
+    config: AdapterConfig,
+    card: dict[str, Any],
+    tensor_shapes: dict[str, tuple[int, ...]],
+    base: BaseModelSpec,
+    max_rank: int,
+) -> list[tuple[str, str]]:
+    """Every reason the adapter cannot serve on `base`, as (code, message); empty when it fits.
+
+    A pure function of the adapter's metadata and tensor shapes, so the whole rule set is tested
+    without a model. Shapes are the strongest check: an adapter trained on another base model
+    has other module names or other dimensions, whatever its config claims.
+    """
+    problems: list[tuple[str, str]] = []
+    if config.peft_type.upper() != "LORA":
+        problems.append(("adapter_unsupported", f"peft_type {config.peft_type} is not LORA"))
+    if config.use_dora:
+        problems.append(("adapter_unsupported", "DoRA adapters are not supported by this server"))
+    if config.fan_in_fan_out:
+        problems.append(("adapter_incompatible", "fan_in_fan_out adapters target Conv1D (GPT-2) layers, not LLaMA"))
+    if config.bias != "none":
+        problems.append(("adapter_unsupported", f"bias={config.bias!r}: adapters that train biases are not supported"))
+
+    declared = declared_base_name(config, card)
+    if declared and base.name and not _looks_like_path(declared) and declared != base.name:
+        problems.append((
+            "base_model_mismatch",
+            f"adapter was trained for base model {declared!r}, this server serves {base.name!r}",
+        ))
+    card_architecture = card.get("architecture")
+    if card_architecture and base.architecture and card_architecture != base.architecture:
+        problems.append((
+            "base_model_mismatch",
+            f"adapter was trained for a {card_architecture}, this server serves a {base.architecture}",
+        ))
+    card_vocab = card.get("vocabSize")
+    if card_vocab and int(card_vocab) != base.vocab_size:
+        problems.append((
+            "vocab_mismatch", f"adapter was trained with vocabulary size {card_vocab}, the base has {base.vocab_size}"
+        ))
+
+    targets = config.target_modules
+    if isinstance(targets, list):
+        suffixes = {name.rsplit(".", 1)[-1] for name in base.linear_shapes}
+        missing = sorted(t for t in targets if t not in suffixes and t not in base.linear_shapes)
+        if missing:
+            problems.append(("target_modules_missing", f"target modules not in the base model: {', '.join(missing)}"))
+
+    lora: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in tensor_shapes.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            lora.setdefault(match["module"], {})[match["which"]] = shape
+            continue
+        if "embed" in key or "lm_head" in key or "lora_embedding" in key:
+            if len(shape) == 2 and base.vocab_size not in shape:
+                problems.append((
+                    "vocab_mismatch",
+                    f"tensor {key} has shape {list(shape)}: built for another vocabulary (base has {base.vocab_size})",
+                ))
+                continue
+        problems.append((
+            "adapter_unsupported",
+            f"tensor {key} is not a LoRA A/B matrix (modules_to_save and embedding LoRA are not supported)",
+        ))
+    if not lora:
+        problems.append(("adapter_corrupt", f"{WEIGHTS_FILE} holds no LoRA weights"))
+
+    unpaired, absent, mismatched, ranks = [], [], [], []
+    for module, pair in sorted(lora.items()):
+        if set(pair) != {"A", "B"} or len(pair["A"]) != 2 or len(pair["B"]) != 2 or pair["A"][0] != pair["B"][1]:
+            unpaired.append(module)
+        elif module not in base.linear_shapes:
+            absent.append(module)
+        elif (pair["A"][1], pair["B"][0]) != base.linear_shapes[module]:
+            mismatched.append(f"{module} maps {pair['A'][1]}->{pair['B'][0]} but the base layer is "
+                              f"{base.linear_shapes[module][0]}->{base.linear_shapes[module][1]}")
+        else:
+            ranks.append(pair["A"][0])
+    # One message per kind of fault, naming the first layer and counting the rest.
+    if unpaired:
+        problems.append(("adapter_corrupt", f"LoRA A/B matrices missing or not pairing up: {_some(unpaired)}"))
+    if absent:
+        problems.append(("target_modules_missing", f"layers not in the base model: {_some(absent)}"))
+    if mismatched:
+        problems.append(("base_model_mismatch", f"trained on another base model: {_some(mismatched)}"))
+    if ranks and max(ranks) > max_rank:
+        problems.append((
+            "rank_too_high", f"adapter rank {max(ranks)} exceeds the server's maximum {max_rank} (--max-lora-rank)"
+        ))
+    return problems
+
+
+def _some(items: list[str]) -> str:
+    return items[0] + (f" (and {len(items) - 1} more)" if len(items) > 1 else "")
+
+
+def lora_scaling(config: AdapterConfig, module: str, rank: int) -> float:
+    """PEFT's scaling for one module: alpha / r (alpha / sqrt(r) with rsLoRA), honouring alpha_pattern."""
+    alpha = config.lora_alpha
+    for pattern, value in config.alpha_pattern.items():
+        if re.match(rf"(.*\.)?(?:{pattern})$", module):
+            alpha = value
+    return alpha / (math.sqrt(rank) if config.use_rslora else rank)
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter read, checked and ready to install."""
+
+    name: str
+    source: str
+    sha256: str
+    rank: int
+    task: str | None
+    base_model: str | None
+    weights: Any  # tessera.serve.lora.AdapterWeights
+
+
+def prepare_adapter(
+    name: str,
+    source: str,
+    directory: Path,
+    base: BaseModelSpec,
+    *,
+    max_rank: int,
+    expected_sha256: str | None,
+    task: str | None = None,
+) -> PreparedAdapter:
+    """Read and check an adapter directory; the returned weights fit `base` (else `AdapterError`)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from tessera.serve.lora import AdapterWeights
+
+    config, card = read_adapter_files(directory)
+    digest = weights_sha256(directory)
+    if expected_sha256 and expected_sha256.lower() != digest:
+        raise AdapterError(
+            f"sha256 mismatch: {WEIGHTS_FILE} has {digest}, the caller expected {expected_sha256}",
+            code="sha256_mismatch",
+        )
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+            problems = compatibility_problems(config, card, shapes, base, max_rank)
+            if problems:
+                raise AdapterError("; ".join(message for _, message in problems), code=problems[0][0])
+            tensors = {key: handle.get_tensor(key) for key in shapes}
+    except SafetensorError as error:
+        raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {error}", code="adapter_corrupt") from None
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        assert match is not None  # compatibility_problems refused anything else
+        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+    modules = {}
+    for module, pair in pairs.items():
+        rank = pair["A"].shape[0]
+        if not (torch.isfinite(pair["A"]).all() and torch.isfinite(pair["B"]).all()):
+            raise AdapterError(f"{module}: weights contain NaN or infinity", code="adapter_corrupt")
+        modules[module] = (pair["A"].float(), pair["B"].float() * lora_scaling(config, module, rank))
+    rank = max(a.shape[0] for a, _ in modules.values())
+    return PreparedAdapter(
+        name=name,
+        source=source,
+        sha256=digest,
+        rank=rank,
+        task=task or card.get("task"),
+        base_model=declared_base_name(config, card),
+        weights=AdapterWeights(modules=modules, rank=rank),
+    )

@@ -1,0 +1,150 @@
+"""The server: one FastAPI app on uvicorn with OpenAI, vLLM-adapter and KServe v1/v2 routes.
+
+Why not `kserve.ModelServer`: it parses the process's argv at import, starts a gRPC server and
+installs its own signal handlers, and its OpenAI routes need vLLM. Tessera uses KServe where it
+fits (its `Model`, `ModelRepository`, data plane, v1/v2 routes and error handlers) on an app it
+owns, served by the same uvicorn, listening on 8080 as a KServe predictor must. The model itself
+is driven by `tessera.serve.engine`, a batching thread, not by request handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, Field
+
+from tessera.serve.base_model import DType, Quantization
+
+log = logging.getLogger(__name__)
+
+
+class ServeSettings(BaseModel):
+    model: str = Field(description="Base model: store URI (s3://...) or Hugging Face model directory.")
+    served_model_name: str | None = Field(None, description="Name of the base in `model`; default: its own name.")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    adapters_file: Path | None = None
+    max_loras: int = Field(8, ge=1, description="Adapters resident at once; more are evicted (LRU) and reloaded.")
+    max_lora_rank: int = Field(64, ge=1)
+    allowed_prefixes: list[str] = Field(default_factory=list, description="Where adapters may come from.")
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_model_len: int | None = Field(None, ge=16)
+    quantization: Quantization = "auto"
+    dtype: DType = "auto"
+    cache_dir: Path | None = None
+    cpu_threads: int | None = Field(None, ge=1, description="Torch threads on a CPU; default: all cores but one.")
+
+
+@dataclass
+class Server:
+    app: FastAPI
+    service: object  # tessera.serve.service.ModelService
+    settings: ServeSettings
+
+
+def build_server(settings: ServeSettings) -> Server:
+    """Load the base model and assemble the app; the engine starts with the app's lifespan."""
+    from tessera.serve import kserve_api
+    from tessera.serve.adapters import AdapterError, BaseModelSpec
+    from tessera.serve.base_model import load_base
+    from tessera.serve.engine import Engine
+    from tessera.serve.lora import LoraSlots
+    from tessera.serve.openai_api import install_error_handlers, openai_router
+    from tessera.serve.registry import AdapterRegistry
+    from tessera.serve.service import ModelService
+
+    # A cache directory of our own (no --cache-dir) holds a downloaded base model: removed at exit.
+    own_cache = settings.cache_dir is None
+    cache_dir = settings.cache_dir or Path(tempfile.mkdtemp(prefix="tessera-serve-"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        base = load_base(
+            settings.model,
+            cache_dir=cache_dir,
+            quantization=settings.quantization,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            threads=settings.cpu_threads,
+        )
+    except BaseException:
+        if own_cache:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        raise
+    served_name = settings.served_model_name or base.name or base.directory.name
+    spec = BaseModelSpec.of(base.model, base.name)
+    lora = LoraSlots(base.model, settings.max_loras + 1, base.dtype, base.device)
+    engine = Engine(
+        base.model,
+        base.tokenizer,
+        lora,
+        max_batch_size=settings.max_batch_size,
+        max_wait=settings.max_wait_ms / 1000,
+        max_model_len=base.max_model_len,
+        eos_token_ids=base.eos_token_ids,
+    )
+    registry = AdapterRegistry(
+        engine, spec, max_rank=settings.max_lora_rank, allowed_prefixes=settings.allowed_prefixes,
+        cache_dir=cache_dir,
+    )
+    service = ModelService(base, engine, registry, served_name)
+
+    async def load_startup_adapters() -> None:
+        # A bad entry or file is logged and skipped: a replica that never became ready because of
+        # one adapter would take every other adapter down with it.
+        if settings.adapters_file is not None and settings.adapters_file.exists():
+            try:
+                for name, problem in await registry.load_file(settings.adapters_file):
+                    if problem:
+                        log.error("start-up adapter %s not loaded: %s", name, problem)
+            except AdapterError as error:
+                log.error("%s", error.message)
+        elif settings.adapters_file is not None:
+            log.warning("adapters file %s does not exist: starting without adapters", settings.adapters_file)
+        service.ready = True
+        log.info("ready: serving %s with adapters %s", served_name, ", ".join(registry.records) or "(none)")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        task = asyncio.create_task(load_startup_adapters())
+        try:
+            yield
+        finally:
+            task.cancel()
+            registry.close()
+            engine.stop()
+            if own_cache:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+
+    app = FastAPI(title="Tessera model server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.include_router(openai_router(service))
+    repository = kserve_api.mount_kserve(app, service)
+    registry.on_change = lambda name, loaded: kserve_api.sync_repository(repository, service, name, loaded)
+
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def health() -> Response:
+        return Response(status_code=200 if engine.alive else 503)
+
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    return Server(app=app, service=service, settings=settings)
+
+
+def serve(settings: ServeSettings) -> None:
+    import uvicorn
+
+    server = build_server(settings)
+    log.info("listening on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(server.app, host=settings.host, port=settings.port, log_level="warning", timeout_keep_alive=65)

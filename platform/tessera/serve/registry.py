@@ -1,0 +1,199 @@
+"""The adapters a server can serve: loading beside serving, unloading, and reloading on demand.
+
+Fetching an adapter from the store and checking it run on a loader thread; only the final
+install runs on the engine thread, between two steps, so requests to other adapters never wait
+for a download or fail because of a bad adapter. The registry remembers where every adapter came
+from, so one the engine evicted (LRU, capacity `max_loras`) is fetched again when asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
+from tessera.serve import metrics
+from tessera.serve.adapters import (
+    ADAPTER_NAME,
+    AdapterError,
+    BaseModelSpec,
+    PreparedAdapter,
+    check_allowed,
+    prepare_adapter,
+)
+from tessera.serve.engine import Engine, EngineError
+
+log = logging.getLogger(__name__)
+
+
+class AdapterSource(BaseModel):
+    """One entry of the start-up adapters file (a mounted ConfigMap): JSON or YAML list of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ADAPTER_NAME.pattern)
+    path: str = Field(min_length=1, description="Store URI or directory of the PEFT adapter.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    task: str | None = None
+
+
+def read_adapters_file(path: Path) -> list[AdapterSource]:
+    """Parse the adapters file; a bad file is refused whole, naming each bad entry."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise AdapterError(f"cannot read adapters file {path}: {error}", code="adapters_file_invalid") from None
+    if isinstance(data, dict) and "adapters" in data:
+        data = data["adapters"]
+    try:
+        return TypeAdapter(list[AdapterSource]).validate_python(data or [])
+    except ValidationError as error:
+        lines = [f"[{'.'.join(str(p) for p in e['loc'])}]: {e['msg']}" for e in error.errors()]
+        raise AdapterError(
+            f"adapters file {path} is invalid: " + "; ".join(lines), code="adapters_file_invalid"
+        ) from None
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    source: str
+    sha256: str  # of the weights actually loaded: a reload must find the same version
+    rank: int
+    task: str | None
+    base_model: str | None
+    loaded_at: float = field(default_factory=time.time)
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        engine: Engine,
+        base: BaseModelSpec,
+        *,
+        max_rank: int,
+        allowed_prefixes: list[str],
+        cache_dir: Path,
+        on_change: Callable[[str, bool], None] = lambda name, loaded: None,
+    ) -> None:
+        self.engine = engine
+        self.base = base
+        self.max_rank = max_rank
+        self.allowed_prefixes = allowed_prefixes
+        self.cache_dir = cache_dir
+        self.on_change = on_change
+        self.records: dict[str, AdapterRecord] = {}
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessera-loader")
+        self._name_locks: dict[str, asyncio.Lock] = {}
+        engine.reloader = self
+
+    def get(self, name: str) -> AdapterRecord | None:
+        return self.records.get(name)
+
+    def _prepare(self, name: str, source: str, sha256: str | None, task: str | None) -> PreparedAdapter:
+        from tessera.store import fetch
+
+        workdir = Path(tempfile.mkdtemp(prefix="adapter-", dir=self.cache_dir))
+        try:
+            try:
+                directory = fetch(source, workdir)
+            except ObjectNotFoundError:
+                raise AdapterError(f"lora_path {source!r} does not exist", code="adapter_not_found",
+                                   status=404) from None
+            except StoreUnavailableError as error:
+                raise AdapterError(f"the store is unavailable: {error}", code="store_unavailable", status=503) from None
+            except StoreError as error:
+                raise AdapterError(f"cannot read lora_path {source!r}: {error}", code="store_error") from None
+            if not directory.is_dir():
+                raise AdapterError(f"lora_path {source!r} is a file; give the adapter directory",
+                                   code="adapter_corrupt")
+            try:
+                return prepare_adapter(
+                    name, source, directory, self.base, max_rank=self.max_rank, expected_sha256=sha256, task=task
+                )
+            except (OSError, ValueError, RuntimeError) as error:  # unreadable files the checks did not foresee
+                raise AdapterError(f"cannot read the adapter at {source!r}: {error}", code="adapter_corrupt") from None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def load(self, name: str, source: str, sha256: str | None = None, task: str | None = None) -> AdapterRecord:
+        """Fetch, check and install an adapter; the same name with a new source replaces it."""
+        if not ADAPTER_NAME.match(name):
+            raise AdapterError(
+                f"invalid lora_name {name!r}: use letters, digits, '.', '_', ':' or '-' (at most 128)",
+                code="invalid_name",
+            )
+        started = time.perf_counter()
+        try:
+            check_allowed(source, self.allowed_prefixes)
+            async with self._name_locks.setdefault(name, asyncio.Lock()):
+                loop = asyncio.get_running_loop()
+                prepared = await loop.run_in_executor(self._executor, self._prepare, name, source, sha256, task)
+                await asyncio.wrap_future(self.engine.install(name, prepared.weights))
+        except AdapterError as error:
+            metrics.ADAPTER_LOAD_FAILURES.labels(error.code).inc()
+            metrics.ADAPTER_LOAD_SECONDS.labels("failed").observe(time.perf_counter() - started)
+            log.warning("refused adapter %s from %s: %s", name, source, error.message)
+            raise
+        record = AdapterRecord(name, source, prepared.sha256, prepared.rank, prepared.task, prepared.base_model)
+        self.records[name] = record
+        metrics.ADAPTER_LOAD_SECONDS.labels("loaded").observe(time.perf_counter() - started)
+        metrics.ADAPTERS_REGISTERED.set(len(self.records))
+        log.info("loaded adapter %s (rank %d) from %s in %.3fs", name, record.rank, source,
+                 time.perf_counter() - started)
+        self.on_change(name, True)
+        return record
+
+    async def unload(self, name: str) -> None:
+        async with self._name_locks.setdefault(name, asyncio.Lock()):
+            if self.records.pop(name, None) is None:
+                raise AdapterError(f"The model `{name}` does not exist.", code="model_not_found", status=404)
+            await asyncio.wrap_future(self.engine.remove(name))
+        metrics.ADAPTERS_REGISTERED.set(len(self.records))
+        self.on_change(name, False)
+
+    async def load_file(self, path: Path) -> list[tuple[str, str | None]]:
+        """Load every adapter of the start-up file; one bad entry does not stop the others."""
+        results = []
+        for source in read_adapters_file(path):
+            try:
+                await self.load(source.name, source.path, source.sha256, source.task)
+                results.append((source.name, None))
+            except AdapterError as error:
+                results.append((source.name, error.message))
+        return results
+
+    def request_reload(self, name: str) -> bool:
+        """Called by the engine thread for an evicted adapter a request needs."""
+        record = self.records.get(name)
+        if record is None:
+            return False
+
+        def reload() -> None:
+            try:
+                prepared = self._prepare(name, record.source, record.sha256, record.task)
+                self.engine.install(name, prepared.weights).result()
+                log.info("reloaded evicted adapter %s", name)
+            except Exception as error:
+                message = error.message if isinstance(error, AdapterError) else str(error)
+                log.error("reloading adapter %s failed: %s", name, message)
+                metrics.ADAPTER_LOAD_FAILURES.labels("reload_failed").inc()
+                self.engine.fail_adapter(
+                    name, EngineError(f"adapter {name} could not be reloaded: {message}", status=503,
+                                      code="adapter_unavailable"))
+
+        self._executor.submit(reload)
+        return True
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
