@@ -1,0 +1,31 @@
+"""Tessera's Argo pipelines as code: the `tessera-finetune` WorkflowTemplate and its interface."""
+
+from tessera_pipelines.finetune import (
+    DEFAULT_GPU_RESOURCE,
+    DEFAULT_IMAGE,
+    DEFAULT_STORE_SECRET,
+    JOB_FILE,
+    PARAMETERS,
+    SERVICE_ACCOUNT,
+    TEMPLATE_NAME,
+    build_workflow_template,
+    json_parameter,
+    pytorchjob_manifest,
+    render_pytorchjob,
+    render_yaml,
+)
+
+__all__ = [
+    "DEFAULT_GPU_RESOURCE",
+    "DEFAULT_IMAGE",
+    "DEFAULT_STORE_SECRET",
+    "JOB_FILE",
+    "PARAMETERS",
+    "SERVICE_ACCOUNT",
+    "TEMPLATE_NAME",
+    "build_workflow_template",
+    "json_parameter",
+    "pytorchjob_manifest",
+    "render_pytorchjob",
+    "render_yaml",
+]

@@ -1,0 +1,262 @@
+"""Pure builders of the objects the operator creates: same job in, same objects out.
+
+The operator's handlers and `tessera render` share them, so what a person reviews with
+`tessera render -f job.yaml` is what the operator submits.
+
+Ownership, and why:
+- The job's ConfigMap (its frozen manifest) and its Workflow are owned by the FineTuneJob:
+  deleting the job garbage-collects the Workflow, which owns the PyTorchJob its train step
+  creates (`setOwnerReference`), so deleting a job stops all its work.
+- The Adapter a succeeded job creates is NOT owned by the job. A promoted adapter serves traffic;
+  cleaning up finished jobs must not take a model out of production. It carries the label
+  `tessera.dev/job` and `spec.lineage.job` instead, so `kubectl get lora -l tessera.dev/job=x`
+  finds it.
+- The InferenceService is shared by every adapter of one base model and owned by none of them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+from tessera.api import Adapter, FineTuneJob, parse_resource
+from tessera.api.naming import dns_label
+from tessera.errors import InvalidSpecError
+from tessera_operator.config import OperatorConfig
+from tessera_pipelines import JOB_FILE, json_parameter, render_pytorchjob
+
+GROUP = "tessera.dev"
+VERSION = "v1alpha1"
+LABEL_JOB = "tessera.dev/job"
+LABEL_ADAPTER_VERSION = "tessera.dev/adapter-version"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ANNOTATION_GENERATION = "tessera.dev/job-generation"
+MANAGER = "tessera-operator"
+ISVC_LABEL = "serving.kserve.io/inferenceservice"
+JOB_CONFIG_KEY = JOB_FILE.rsplit("/", 1)[-1]
+
+
+def workflow_name(job_name: str) -> str:
+    """The job's Workflow (and ConfigMap) name: deterministic, so a restart never makes a second one."""
+    return dns_label(f"ftj-{job_name}")
+
+
+def pytorchjob_name(job_name: str) -> str:
+    # Pods are named <name>-master-0 / <name>-worker-N and must stay within 63 characters.
+    return dns_label(f"ftj-{job_name}-train", max_length=50)
+
+
+def effective_job(body: dict[str, Any], config: OperatorConfig) -> FineTuneJob:
+    """The job as it will run: the object validated, with the installation's store where it names none.
+
+    Raises InvalidSpecError listing every `spec.x: rule` problem.
+    """
+    document = copy.deepcopy(dict(body))
+    document.pop("status", None)
+    spec = document.get("spec")
+    if isinstance(spec, dict) and config.store_uri:
+        store = spec.setdefault("store", {})
+        if isinstance(store, dict) and "uri" not in store:
+            store["uri"] = config.store_uri
+            store.setdefault("credentialsSecret", config.store_secret)
+    resource = parse_resource(document)
+    if not isinstance(resource, FineTuneJob):
+        raise InvalidSpecError([f"kind: expected FineTuneJob, found {resource.kind}"])
+    return resource
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    """A controller reference to `body`, so Kubernetes garbage-collects the child with it."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(name: str, namespace: str, labels: dict[str, str], owner: dict[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": {LABEL_MANAGED_BY: MANAGER, **labels}}
+    if owner is not None:
+        meta["ownerReferences"] = [owner]
+    return meta
+
+
+def _job_metadata(job: FineTuneJob, owner: dict[str, Any] | None) -> dict[str, Any]:
+    """The metadata of a job's ConfigMap and Workflow: which generation of the spec they run."""
+    meta = _metadata(workflow_name(job.metadata.name), job.metadata.namespace, {LABEL_JOB: job.metadata.name}, owner)
+    if job.metadata.generation is not None:
+        meta["annotations"] = {ANNOTATION_GENERATION: str(job.metadata.generation)}
+    return meta
+
+
+def submitted_generation(obj: dict[str, Any]) -> int | None:
+    """The job generation a Workflow or ConfigMap was built from (None if it does not say)."""
+    value = (obj.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_GENERATION)
+    return int(value) if value and value.isdigit() else None
+
+
+def frozen_manifest(job: FineTuneJob) -> dict[str, Any]:
+    """The job as its steps read it: every default filled in, no cluster bookkeeping."""
+    manifest = job.to_manifest()
+    manifest["metadata"] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
+    return manifest
+
+
+def build_job_configmap(job: FineTuneJob, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ConfigMap every step and training pod mounts at /config: the spec frozen at submission."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _job_metadata(job, owner),
+        "data": {JOB_CONFIG_KEY: yaml.safe_dump(frozen_manifest(job), sort_keys=False)},
+    }
+
+
+def eval_pod_spec_patch(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    """Placement of the evaluate step: on the GPU pool with one GPU when the job trains on GPUs."""
+    if job.spec.distribution.gpus_per_worker == 0:
+        return {}
+    scheduling = job.spec.scheduling
+    patch: dict[str, Any] = {
+        "containers": [{"name": "main", "resources": {"limits": {config.gpu_resource: "1"}}}],
+    }
+    if scheduling.node_selector:
+        patch["nodeSelector"] = scheduling.node_selector
+    if scheduling.tolerations:
+        patch["tolerations"] = scheduling.tolerations
+    if scheduling.priority_class_name:
+        patch["priorityClassName"] = scheduling.priority_class_name
+    return patch
+
+
+def workflow_arguments(job: FineTuneJob, config: OperatorConfig) -> dict[str, str]:
+    """The `tessera-finetune` template's parameters for this job (see tessera_pipelines.PARAMETERS)."""
+    distribution, scheduling = job.spec.distribution, job.spec.scheduling
+    return {
+        "job-name": job.metadata.name,
+        "image": config.trainer_image,
+        "store-secret": job.spec.store.credentials_secret or config.store_secret,
+        "pytorchjob-name": pytorchjob_name(job.metadata.name),
+        "worker-replicas": str(distribution.workers - 1),
+        "nproc-per-node": str(max(distribution.gpus_per_worker, 1)),
+        "gpus-per-worker": str(distribution.gpus_per_worker),
+        "gpu-resource": config.gpu_resource,
+        "node-selector": json_parameter(scheduling.node_selector),
+        "tolerations": json_parameter(scheduling.tolerations),
+        "priority-class-name": scheduling.priority_class_name or "",
+        "eval-pod-spec-patch": json_parameter(eval_pod_spec_patch(job, config)),
+    }
+
+
+def build_workflow(job: FineTuneJob, config: OperatorConfig, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Workflow that runs the job: a reference to the WorkflowTemplate plus the job's parameters."""
+    arguments = workflow_arguments(job, config)
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": _job_metadata(job, owner),
+        "spec": {
+            "workflowTemplateRef": {"name": config.workflow_template},
+            "serviceAccountName": config.workflow_service_account,
+            "arguments": {"parameters": [{"name": k, "value": v} for k, v in arguments.items()]},
+        },
+    }
+
+
+def workflow_parameters(workflow: dict[str, Any]) -> dict[str, str]:
+    return {p["name"]: p.get("value", "") for p in workflow["spec"].get("arguments", {}).get("parameters", [])}
+
+
+def preview_pytorchjob(workflow: dict[str, Any]) -> dict[str, Any]:
+    """The PyTorchJob that `workflow`'s train step will create (for review; Argo creates it)."""
+    job = render_pytorchjob(workflow_parameters(workflow), workflow["metadata"]["name"])
+    job["metadata"]["namespace"] = workflow["metadata"]["namespace"]
+    return job
+
+
+def build_inference_service(adapter: Adapter, config: OperatorConfig) -> dict[str, Any]:
+    """The InferenceService that serves the adapter's base model with Tessera's runtime.
+
+    RawDeployment: predictors are plain Deployments whose pods keep their hot-loaded adapters,
+    with no scale-to-zero that would drop them.
+    """
+    spec = adapter.spec
+    model: dict[str, Any] = {
+        "modelFormat": {"name": "tessera"},
+        "runtime": config.serving_runtime,
+        "storageUri": spec.base_model.uri,
+    }
+    if spec.credentials_secret:
+        model["envFrom"] = [{"secretRef": {"name": spec.credentials_secret}}]
+    metadata = _metadata(adapter.inference_service_name, adapter.metadata.namespace,
+                         {"tessera.dev/base-model": dns_label(spec.base_model.uri.rstrip("/").rsplit("/", 1)[-1])},
+                         None)
+    metadata["annotations"] = {"serving.kserve.io/deploymentMode": "RawDeployment"}
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": metadata,
+        "spec": {"predictor": {"minReplicas": 1, "model": model}},
+    }
+
+
+def build_adapter(job: FineTuneJob, published: dict[str, Any]) -> dict[str, Any]:
+    """The Adapter for the artifact a job published (its `published.json`); not owned by the job."""
+    base = published.get("baseModel") or {}
+    if isinstance(base, str):
+        base = {"uri": base}
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": base.get("uri") or job.spec.base_model.uri,
+                      "name": base.get("name") or job.spec.base_model.name},
+        "uri": published["uri"],
+        "sha256": published.get("sha256"),
+        "rank": published.get("rank") or job.spec.lora.rank,
+        "task": published.get("task") or job.spec.dataset.task,
+        "lineage": {
+            "job": f"{job.metadata.namespace}/{job.metadata.name}",
+            "datasetUri": job.spec.dataset.uri,
+            "datasetSha256": published.get("datasetSha256"),
+        },
+        "metrics": published.get("metrics") or {},
+        "serving": {
+            "inferenceService": job.inference_service_name,
+            "createInferenceService": job.spec.serving.create_inference_service,
+        },
+        "credentialsSecret": job.spec.store.credentials_secret,
+    }
+    labels = {LABEL_JOB: job.metadata.name}
+    if published.get("version"):
+        labels[LABEL_ADAPTER_VERSION] = dns_label(str(published["version"]))
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Adapter",
+        "metadata": _metadata(published.get("name") or job.adapter_name, job.metadata.namespace, labels, None),
+        "spec": _without_nones(spec),
+    }
+
+
+def _without_nones(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nones(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def render_objects(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
+    """Everything the operator (and, through it, Argo) creates for `job`, in creation order."""
+    workflow = build_workflow(job, config)
+    objects = [build_job_configmap(job), workflow, preview_pytorchjob(workflow)]
+    if job.spec.serving.enabled and job.spec.serving.create_inference_service:
+        adapter = Adapter.model_validate({
+            "metadata": {"name": job.adapter_name, "namespace": job.metadata.namespace},
+            "spec": {"baseModel": {"uri": job.spec.base_model.uri, "name": job.spec.base_model.name},
+                     "uri": f"{job.spec.store.uri}/adapters/{job.metadata.namespace}/{job.adapter_name}",
+                     "serving": {"inferenceService": job.inference_service_name},
+                     "credentialsSecret": job.spec.store.credentials_secret},
+        })
+        objects.append(build_inference_service(adapter, config))
+    return objects

@@ -1,0 +1,44 @@
+"""The operator's settings: what the Helm chart sets in its Deployment's environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+from tessera_pipelines import DEFAULT_GPU_RESOURCE, DEFAULT_IMAGE, DEFAULT_STORE_SECRET, SERVICE_ACCOUNT, TEMPLATE_NAME
+
+_ENV = {
+    "workflow_template": "TESSERA_WORKFLOW_TEMPLATE",
+    "workflow_service_account": "TESSERA_WORKFLOW_SERVICE_ACCOUNT",
+    "trainer_image": "TESSERA_TRAINER_IMAGE",
+    "serving_runtime": "TESSERA_SERVING_RUNTIME",
+    "gpu_resource": "TESSERA_GPU_RESOURCE",
+    "store_uri": "TESSERA_STORE_URI",
+    "store_secret": "TESSERA_STORE_SECRET",
+    "poll_seconds": "TESSERA_POLL_SECONDS",
+    "replica_port": "TESSERA_REPLICA_PORT",
+}
+
+
+class OperatorConfig(BaseModel):
+    """Installation-wide choices; a FineTuneJob's own spec always wins over them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    workflow_template: str = TEMPLATE_NAME
+    workflow_service_account: str = SERVICE_ACCOUNT
+    trainer_image: str = DEFAULT_IMAGE
+    serving_runtime: str = "tessera"
+    gpu_resource: str = DEFAULT_GPU_RESOURCE
+    # Applied to jobs whose spec names no store: the installation's store and its Secret.
+    store_uri: str | None = None
+    store_secret: str = DEFAULT_STORE_SECRET
+    # How often running jobs and served adapters are looked at.
+    poll_seconds: float = Field(10.0, gt=0)
+    # Port of the adapter API on a predictor pod when its container declares none.
+    replica_port: int = 8080
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
+        return cls.model_validate({field: env[name] for field, name in _ENV.items() if env.get(name)})
