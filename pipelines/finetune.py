@@ -120,6 +120,9 @@ def pytorchjob_manifest() -> str:
     """The PyTorchJob the train step creates, as Argo-templated YAML text."""
     labels = {"tessera.dev/job": _param("job-name"), "tessera.dev/step": "train"}
     pod_spec = {
+        # The workflow's account carries the registry pull secret; training needs no API token.
+        "serviceAccountName": "{{workflow.serviceAccountName}}",
+        "automountServiceAccountToken": False,
         "securityContext": POD_SECURITY_CONTEXT,
         "nodeSelector": _param("node-selector"),
         "tolerations": _param("tolerations"),
