@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.serve.helpers import (
+    ALL_TARGETS,
     MAX_LORA_RANK,
     MAX_LORAS,
     S3_BUCKET,
@@ -60,6 +61,9 @@ def adapters(tiny_base, adapters_root, startup_adapter, server_process, tmp_path
     made = {"a0": startup_adapter}
     made.update({f"a{i}": make_adapter(tiny_base, root / f"a{i}", seed=i) for i in range(1, 6)})
     made["rank32"] = make_adapter(tiny_base, root / "rank32", seed=10, rank=32)
+    # LoRA on the token embedding too (as examples/tfns-sentiment.yaml trains), and on it alone.
+    made["embed"] = make_adapter(tiny_base, root / "embed", seed=13, targets=[*ALL_TARGETS, "embed_tokens"])
+    made["embed-only"] = make_adapter(tiny_base, root / "embed-only", seed=14, targets=["embed_tokens"])
     made["wrong-name"] = make_adapter(tiny_base, root / "wrong-name", seed=11,
                                       base_name="meta-llama/Llama-3.1-8B-Instruct")
     other = other_base_model(tmp_path_factory.mktemp("other") / "other-llama")

@@ -17,8 +17,9 @@ MAX_LORAS = 4
 
 
 def make_adapter(base_dir: Path, out: Path, *, seed: int, rank: int = 8, base_name: str = TINY_NAME,
-                 scale: float = 0.3) -> Path:
-    """A random PEFT LoRA adapter on `base_dir` whose B weights are perturbed (so it changes outputs)."""
+                 scale: float = 0.3, targets: list[str] = ALL_TARGETS) -> Path:
+    """A random PEFT LoRA adapter on `base_dir` whose zero-initialised half is perturbed (so it changes
+    outputs): B of a linear LoRA, A of an embedding LoRA (`embed_tokens` in `targets`)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -26,11 +27,11 @@ def make_adapter(base_dir: Path, out: Path, *, seed: int, rank: int = 8, base_na
     torch.manual_seed(seed)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir),
-        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_TARGETS),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets),
     )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:
                 parameter.normal_(std=scale)
     model.peft_config["default"].base_model_name_or_path = base_name
     model.save_pretrained(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,3 +181,68 @@ def test_full_capacity_evicts_and_reloads_on_demand(stack, adapters):
         assert missing.done.wait(30) and getattr(missing.error, "status", None) == 404
     finally:
         engine.reloader = None
+
+
+def test_embedding_lora_matches_peft_alone_and_batched(tiny_base, adapters):
+    """Adapters with LoRA on `embed_tokens` (peft's `lora_embedding_A`/`_B`), one on every layer and
+    one on the embedding alone, give peft's own logits and greedy tokens: alone, and batched with
+    an adapter whose embedding is untouched and with the base model."""
+    import torch
+    from peft import PeftModel
+    from tessera.serve.adapters import BaseModelSpec, prepare_adapter
+    from tessera.serve.engine import Engine
+    from tessera.serve.lora import BatchedLoraEmbedding, LoraSlots
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = ("embed", "embed-only", "a1")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    spec = BaseModelSpec.of(model, "tessera/tiny-llama")
+    engine = Engine(model, tokenizer, LoraSlots(model, len(names) + 1, torch.float32, torch.device("cpu")),
+                    max_batch_size=16, max_wait=0.01, eos_token_ids={tokenizer.eos_token_id})
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapters["embed"],
+                                          adapter_name="embed")
+    for name in names[1:]:
+        reference.load_adapter(adapters[name], adapter_name=name)
+    reference.eval()
+
+    def peft_greedy(prompt: str, adapter: str, steps: int = 10) -> list[int]:
+        """peft's forward, one adapter, no cache and no padding: the plainest greedy decode."""
+        ids = tokenizer(prompt).input_ids
+        if adapter != "__base__":
+            reference.set_adapter(adapter)
+        with torch.no_grad(), reference.disable_adapter() if adapter == "__base__" else nullcontext():
+            for _ in range(steps):
+                ids.append(int(reference(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[-steps:]
+
+    engine.start()
+    try:
+        for name in names:
+            prepared = prepare_adapter(name, str(adapters[name]), Path(adapters[name]), spec, max_rank=64,
+                                       expected_sha256=None)
+            engine.install(name, prepared.weights).result(timeout=30)
+        assert isinstance(model.model.embed_tokens, BatchedLoraEmbedding)
+
+        batch = tokenizer(PROMPTS[:4], return_tensors="pt", padding=True)
+        rows = ["embed", "a1", "__base__", "embed-only"]
+        slots = dict(engine._resident)
+        with torch.no_grad():
+            expected = reference(**batch, adapter_names=rows).logits
+            engine.lora.batch.set([slots.get(name, 0) for name in rows], torch.device("cpu"))
+            actual = model(**batch).logits
+        assert torch.allclose(actual, expected, atol=1e-4), (actual - expected).abs().max()
+
+        prompts = PROMPTS[:3]
+        expected_tokens = {(prompt, name): peft_greedy(prompt, name) for prompt in prompts
+                           for name in (*names, "__base__")}
+        jobs = [(prompt, name) for prompt in prompts for name in (*names, None)]
+        alone = [generate(engine, tokenizer, [job], max_tokens=10, ignore_eos=True)[0] for job in jobs]
+        together = generate(engine, tokenizer, jobs, max_tokens=10, ignore_eos=True)
+        wanted = [expected_tokens[prompt, name or "__base__"] for prompt, name in jobs]
+        assert alone == wanted
+        assert together == wanted
+        # The embedding LoRA alone changes what the model says.
+        assert all(expected_tokens[prompt, "embed-only"] != expected_tokens[prompt, "__base__"] for prompt in prompts)
+    finally:
+        engine.stop()

@@ -16,6 +16,7 @@ BASE = BaseModelSpec(
         "model.layers.0.self_attn.v_proj": (128, 64),
         "lm_head": (128, 2272),
     },
+    embedding_shapes={"model.embed_tokens": (2272, 128)},
 )
 
 
@@ -67,6 +68,42 @@ def test_rank_above_maximum_missing_modules_and_unsupported_kinds():
     assert codes(AdapterConfig(), {}) == ["adapter_corrupt"]
     half = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (8, 128)}
     assert codes(AdapterConfig(), half) == ["adapter_corrupt"]
+
+
+def embedding_lora(rank: int, vocab: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    prefix = "base_model.model.model.embed_tokens"
+    return {f"{prefix}.lora_embedding_A": (rank, vocab), f"{prefix}.lora_embedding_B": (hidden, rank)}
+
+
+def test_embedding_lora_fits_and_is_checked_like_a_layer():
+    config = AdapterConfig(target_modules=["q_proj", "embed_tokens"])
+    frozen_copy = {"base_model.model.model.embed_tokens.base_layer.weight": (2272, 128)}
+    fitting = {**lora("model.layers.0.self_attn.q_proj", 8, 128, 128), **embedding_lora(8, 2272, 128), **frozen_copy}
+    assert compatibility_problems(config, {}, fitting, BASE, 16) == []
+    assert codes(config, embedding_lora(8, 32000, 128)) == ["base_model_mismatch"]
+    assert codes(config, embedding_lora(8, 2272, 64)) == ["base_model_mismatch"]
+    assert codes(config, embedding_lora(32, 2272, 128)) == ["rank_too_high"]
+    # An embedding LoRA on a linear layer, or a base copy of another vocabulary, is not this base's.
+    on_linear = {"base_model.model.lm_head.lora_embedding_A": (8, 128),
+                 "base_model.model.lm_head.lora_embedding_B": (2272, 8)}
+    assert codes(config, on_linear) == ["target_modules_missing"]
+    other_copy = {**embedding_lora(8, 2272, 128), "base_model.model.model.embed_tokens.base_layer.weight": (32000, 128)}
+    assert codes(config, other_copy) == ["vocab_mismatch"]
+
+
+def test_what_stays_unsupported_is_refused_by_name():
+    shapes = lora("model.layers.0.self_attn.q_proj", 8, 128, 128)
+    for config, words in [
+        (AdapterConfig(use_dora=True), "DoRA"),
+        (AdapterConfig(modules_to_save=["lm_head"]), "modules_to_save"),
+        (AdapterConfig(bias="lora_only"), "biases"),
+        (AdapterConfig(lora_bias=True), "biases"),
+    ]:
+        ((code, message),) = compatibility_problems(config, {}, shapes, BASE, 16)
+        assert code == "adapter_unsupported" and words in message
+    trained_bias = {**shapes, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": (128,)}
+    ((code, message),) = compatibility_problems(AdapterConfig(), {}, trained_bias, BASE, 16)
+    assert code == "adapter_unsupported" and "lora_B.bias" in message
 
 
 def test_allowed_prefixes(tmp_path):

@@ -234,6 +234,26 @@ def test_adapter_from_s3_with_sha256(client, server, adapters, s3_server, monkey
     assert status == 403
 
 
+def test_embedding_lora_adapter_hot_loads_and_answers_like_peft(client, server, adapters, tiny_base, tokenizer):
+    """An adapter with LoRA on `embed_tokens` too (as examples/tfns-sentiment.yaml trains) loads over
+    the adapter API and answers what peft's own forward of it answers."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    status, body = load(server, "embed", adapters["embed"])
+    assert status == 200, body
+    answer = client.completions.create(model="embed", prompt=PROMPT, max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapters["embed"]).eval()
+    ids = tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(reference(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert answer == tokenizer.decode(ids[-8:], skip_special_tokens=True)
+    assert answer != greedy(client, TINY_NAME, max_tokens=8)
+
+
 def test_lru_eviction_reloads_on_demand(client, server, adapters):
     names = [f"lru-{i}" for i in range(MAX_LORAS + 2)]
     for i, name in enumerate(names):

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_CARD_FILE = "model-card.json"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
+_LORA_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.[^.]+)?$")
+# peft saves the frozen base table of a LoRA-wrapped embedding beside its LoRA (save_embedding_layers="auto").
+_EMBEDDING_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 
 
 class AdapterError(TesseraError):
@@ -45,16 +48,26 @@ class BaseModelSpec:
     architecture: str | None
     vocab_size: int
     linear_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features)
+    embedding_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (vocab, hidden)
 
     @classmethod
     def of(cls, model: Any, name: str | None) -> BaseModelSpec:
-        shapes = {
-            module_name: (module.in_features, module.out_features)
-            for module_name, module in model.named_modules()
-            if hasattr(module, "in_features") and hasattr(module, "out_features") and module_name
-        }
+        linear, embedding = {}, {}
+        for module_name, module in model.named_modules():
+            if not module_name:
+                continue
+            if hasattr(module, "in_features") and hasattr(module, "out_features"):
+                linear[module_name] = (module.in_features, module.out_features)
+            elif hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"):
+                embedding[module_name] = (module.num_embeddings, module.embedding_dim)
         architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
-        return cls(name=name, architecture=architectures[0], vocab_size=model.config.vocab_size, linear_shapes=shapes)
+        return cls(name=name, architecture=architectures[0], vocab_size=model.config.vocab_size,
+                   linear_shapes=linear, embedding_shapes=embedding)
+
+    @property
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """Every layer a LoRA may target -> (A's input width, B's output width)."""
+        return {**self.linear_shapes, **self.embedding_shapes}
 
 
 class AdapterConfig(BaseModel):
@@ -69,6 +82,7 @@ class AdapterConfig(BaseModel):
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: list[str] | None = None
+    lora_bias: bool = False
     fan_in_fan_out: bool = False
     bias: str = "none"
     base_model_name_or_path: str | None = None
@@ -168,6 +182,13 @@ def compatibility_problems(
         problems.append(("adapter_incompatible", "fan_in_fan_out adapters target Conv1D (GPT-2) layers, not LLaMA"))
     if config.bias != "none":
         problems.append(("adapter_unsupported", f"bias={config.bias!r}: adapters that train biases are not supported"))
+    if config.lora_bias:
+        problems.append(("adapter_unsupported", "lora_bias=true: adapters that train biases are not supported"))
+    if config.modules_to_save:
+        problems.append((
+            "adapter_unsupported",
+            f"modules_to_save={config.modules_to_save}: adapters that replace whole layers are not supported",
+        ))
 
     declared = declared_base_name(config, card)
     if declared and base.name and not _looks_like_path(declared) and declared != base.name:
@@ -189,18 +210,25 @@ def compatibility_problems(
 
     targets = config.target_modules
     if isinstance(targets, list):
-        suffixes = {name.rsplit(".", 1)[-1] for name in base.linear_shapes}
-        missing = sorted(t for t in targets if t not in suffixes and t not in base.linear_shapes)
+        layers = base.lora_shapes
+        suffixes = {name.rsplit(".", 1)[-1] for name in layers}
+        missing = sorted(t for t in targets if t not in suffixes and t not in layers)
         if missing:
             problems.append(("target_modules_missing", f"target modules not in the base model: {', '.join(missing)}"))
 
     lora: dict[str, dict[str, tuple[int, ...]]] = {}
+    embedding_modules: set[str] = set()
     for key, shape in tensor_shapes.items():
-        match = _LORA_KEY.match(key)
-        if match:
-            lora.setdefault(match["module"], {})[match["which"]] = shape
+        parsed = parse_lora_key(key)
+        if parsed:
+            module, which, is_embedding = parsed
+            lora.setdefault(module, {})[which] = shape
+            if is_embedding:
+                embedding_modules.add(module)
             continue
-        if "embed" in key or "lm_head" in key or "lora_embedding" in key:
+        if is_embedding_copy(key, shape, base):
+            continue
+        if "embed" in key or "lm_head" in key:
             if len(shape) == 2 and base.vocab_size not in shape:
                 problems.append((
                     "vocab_mismatch",
@@ -209,20 +237,23 @@ def compatibility_problems(
                 continue
         problems.append((
             "adapter_unsupported",
-            f"tensor {key} is not a LoRA A/B matrix (modules_to_save and embedding LoRA are not supported)",
+            f"tensor {key} is not a LoRA A/B matrix (modules_to_save, trained biases and trainable tokens "
+            "are not supported)",
         ))
     if not lora:
         problems.append(("adapter_corrupt", f"{WEIGHTS_FILE} holds no LoRA weights"))
 
     unpaired, absent, mismatched, ranks = [], [], [], []
     for module, pair in sorted(lora.items()):
+        # A linear LoRA needs a linear base layer, an embedding LoRA an embedding: same (in, out) check.
+        layers = base.embedding_shapes if module in embedding_modules else base.linear_shapes
         if set(pair) != {"A", "B"} or len(pair["A"]) != 2 or len(pair["B"]) != 2 or pair["A"][0] != pair["B"][1]:
             unpaired.append(module)
-        elif module not in base.linear_shapes:
+        elif module not in layers:
             absent.append(module)
-        elif (pair["A"][1], pair["B"][0]) != base.linear_shapes[module]:
+        elif (pair["A"][1], pair["B"][0]) != layers[module]:
             mismatched.append(f"{module} maps {pair['A'][1]}->{pair['B'][0]} but the base layer is "
-                              f"{base.linear_shapes[module][0]}->{base.linear_shapes[module][1]}")
+                              f"{layers[module][0]}->{layers[module][1]}")
         else:
             ranks.append(pair["A"][0])
     # One message per kind of fault, naming the first layer and counting the rest.
@@ -237,6 +268,23 @@ def compatibility_problems(
             "rank_too_high", f"adapter rank {max(ranks)} exceeds the server's maximum {max_rank} (--max-lora-rank)"
         ))
     return problems
+
+
+def parse_lora_key(key: str) -> tuple[str, str, bool] | None:
+    """(module path, "A" or "B", whether it is an embedding LoRA) of a PEFT LoRA tensor name, else None."""
+    for pattern, is_embedding in ((_LORA_KEY, False), (_LORA_EMBEDDING_KEY, True)):
+        match = pattern.match(key)
+        if match:
+            return match["module"], match["which"], is_embedding
+    return None
+
+
+def is_embedding_copy(key: str, shape: tuple[int, ...], base: BaseModelSpec) -> bool:
+    """Whether `key` is the base embedding table peft saves beside an embedding LoRA.
+
+    The table was frozen in training, so it is the served base's own: the server skips it."""
+    match = _EMBEDDING_COPY_KEY.match(key)
+    return bool(match) and base.embedding_shapes.get(match["module"]) == tuple(shape)
 
 
 def _some(items: list[str]) -> str:
@@ -294,15 +342,15 @@ def prepare_adapter(
             problems = compatibility_problems(config, card, shapes, base, max_rank)
             if problems:
                 raise AdapterError("; ".join(message for _, message in problems), code=problems[0][0])
-            tensors = {key: handle.get_tensor(key) for key in shapes}
+            # Only the LoRA matrices: a frozen embedding copy can be a gigabyte and is never used.
+            tensors = {key: handle.get_tensor(key) for key in shapes if parse_lora_key(key)}
     except SafetensorError as error:
         raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {error}", code="adapter_corrupt") from None
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        assert match is not None  # compatibility_problems refused anything else
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        module, which, _ = parse_lora_key(key)
+        pairs.setdefault(module, {})[which] = tensor
     modules = {}
     for module, pair in pairs.items():
         rank = pair["A"].shape[0]
