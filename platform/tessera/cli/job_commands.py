@@ -1,7 +1,149 @@
-"""Placeholder until the owning issue fills it in."""
+"""The job steps: `tessera prepare|train|evaluate|publish`, and `tessera run` for all four on one machine.
+
+Each takes the FineTuneJob YAML (`-f`) and `--set path=value` overrides, as `helm --set` does.
+The Argo Workflow's steps and the PyTorchJob's workers run exactly these commands.
+Human output goes to stderr; `--json` puts one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import typer
 
+JOB_FILE = typer.Option(..., "--file", "-f", exists=True, dir_okay=False, help="FineTuneJob YAML.")
+OVERRIDES = typer.Option([], "--set", help="Override a field, e.g. spec.training.epochs=2 (repeatable).")
+AS_JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr.")
+
+
+def _setup(job_file: Path, overrides: list[str]) -> Any:
+    from tessera.api import load_job
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # No hub: every model is a local or store directory. Keeps a typo from turning into a download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Cores are often shared (a laptop, CI, a pod under a CPU limit). OpenMP threads that spin while
+    # waiting for a descheduled sibling then make training an order of magnitude slower; sleeping
+    # threads do not. Read once, when torch loads: hence here, before any step imports it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return load_job(job_file, overrides)
+
+
+@contextmanager
+def _json_only_stdout(as_json: bool) -> Iterator[None]:
+    """While a step runs, whatever writes to stdout (DeepSpeed's logger, C extensions) lands on
+    stderr instead, so that `--json` leaves exactly one JSON object on stdout."""
+    if not as_json:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _emit(result: Any, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def prepare(job_file: Path = JOB_FILE, set_: list[str] = OVERRIDES, as_json: bool = AS_JSON) -> None:
+    """Validate, split and write the job's dataset to its store prefix (bad rows reported by row)."""
+    from tessera.data import prepare as prepare_dataset
+
+    job = _setup(job_file, set_)
+    with _json_only_stdout(as_json):
+        prepared = prepare_dataset(job)
+    typer.echo(f"prepared {len(prepared.train)} training and {len(prepared.eval)} evaluation examples "
+               f"({len(prepared.bad_rows)} bad rows) in {prepared.uri}", err=True)
+    _emit(prepared.manifest, as_json)
+
+
+def train(
+    job_file: Path = JOB_FILE,
+    set_: list[str] = OVERRIDES,
+    as_json: bool = AS_JSON,
+    progress: bool = PROGRESS,
+    result: Path | None = typer.Option(None, "--result", help="Write the result JSON here (rank 0)."),
+) -> None:
+    """Train the adapter (one process, torchrun or a PyTorchJob worker); resumes from the last checkpoint."""
+    from tessera.train.distributed import DistEnv
+    from tessera.train.trainer import train_job
+
+    job = _setup(job_file, set_)
+    env = DistEnv.from_environ()
+    with _json_only_stdout(as_json):
+        outcome = train_job(job, show_progress=progress, env=env).to_json()
+    if not env.is_main:
+        return
+    if result is not None:
+        result.write_text(json.dumps(outcome))
+    typer.echo(f"trained {outcome['step']}/{outcome['totalSteps']} steps, loss {outcome['trainLoss']}, "
+               f"checkpoint {outcome['checkpoint']}", err=True)
+    _emit(outcome, as_json)
+
+
+def evaluate(
+    job_file: Path = JOB_FILE,
+    set_: list[str] = OVERRIDES,
+    adapter: str | None = typer.Option(None, "--adapter", help="Adapter URI (default: the job's checkpoint)."),
+    data: str | None = typer.Option(None, "--data", help="Dataset URI (default: the job's eval split)."),
+    as_json: bool = AS_JSON,
+    progress: bool = PROGRESS,
+) -> None:
+    """Base model vs adapter on held-out data: the task's metrics, samples/s, a table or JSON."""
+    from tessera.evaluate.report import format_table
+    from tessera.evaluate.runner import evaluate_job
+
+    job = _setup(job_file, set_)
+    with _json_only_stdout(as_json):
+        report = evaluate_job(job, adapter_uri=adapter, data_uri=data, show_progress=progress)
+    typer.echo(format_table(report), err=as_json)
+    _emit(report, as_json)
+
+
+def publish(job_file: Path = JOB_FILE, set_: list[str] = OVERRIDES, as_json: bool = AS_JSON) -> None:
+    """Publish the evaluated adapter and its model card to adapters/<ns>/<name>/<version>/, atomically."""
+    from tessera.train.publish import publish_job
+
+    job = _setup(job_file, set_)
+    with _json_only_stdout(as_json):
+        record = publish_job(job)
+    typer.echo(f"published {record['name']} {record['version']} to {record['uri']}", err=True)
+    _emit(record, as_json)
+
+
+def run(
+    job_file: Path = JOB_FILE,
+    set_: list[str] = OVERRIDES,
+    as_json: bool = AS_JSON,
+    progress: bool = PROGRESS,
+    fresh: bool = typer.Option(False, "--fresh", help="Discard the job's earlier data, checkpoints and report."),
+) -> None:
+    """prepare -> train -> evaluate -> publish on this machine (the embedded mode)."""
+    from tessera.local.runner import run_job
+
+    job = _setup(job_file, set_)
+    with _json_only_stdout(as_json):
+        outcome = run_job(job, fresh=fresh, show_progress=progress)
+    if not as_json:
+        typer.echo(f"adapter: {outcome['adapter_uri']}", err=True)
+    _emit(outcome, as_json)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    for command in (prepare, train, evaluate, publish, run):
+        app.command(command.__name__)(command)

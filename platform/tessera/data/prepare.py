@@ -201,7 +201,7 @@ def load_prepared(job: FineTuneJob, store: Store | None = None) -> PreparedDatas
             raise DatasetError(f"{store.uri(join_key(prefix, name))} does not match its manifest: run "
                                "`tessera prepare` again")
         contents[name] = data
-    rows = {name: [json.loads(line) for line in contents[name].decode().splitlines() if line]
+    rows = {name: [json.loads(line) for line in contents[name].decode().split("\n") if line]
             for name in (TRAIN_FILE, EVAL_FILE)}
     return PreparedDataset(
         manifest["task"], rows[TRAIN_FILE], rows[EVAL_FILE], manifest,

@@ -1,0 +1,1 @@
+"""The embedded mode: `tessera run` turns a FineTuneJob into a published adapter on one machine."""

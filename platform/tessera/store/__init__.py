@@ -9,6 +9,7 @@ The rules for keys, directories and atomic publish are in `tessera.store.keys`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -74,7 +75,8 @@ def open_store(uri: str | Path, *, retry: RetryPolicy | None = None) -> tuple[St
         raise StoreError(f"{text!r}: unsupported store URI; use s3://bucket/prefix, file:///path or a path")
     else:
         path = Path(text).expanduser()
-    return LocalStore("/"), normalize_key(path.absolute().as_posix())
+    # abspath, not Path.absolute: `../data/x.csv` must become a key without '..'.
+    return LocalStore("/"), normalize_key(Path(os.path.abspath(path)).as_posix())
 
 
 def fetch(uri: str | Path, dest_dir: str | Path, *, progress: Progress | None = None) -> Path:
