@@ -99,6 +99,12 @@ def test_eval_split_and_eval_uri_exclude_each_other() -> None:
     assert load_job(MINIMAL, ["spec.dataset.evalUri=eval.csv"]).spec.dataset.eval_uri == "eval.csv"
 
 
+def test_zero3_cannot_shard_a_quantized_base() -> None:
+    with pytest.raises(InvalidSpecError, match="spec.distribution.zeroStage: stage 3 cannot shard"):
+        load_job(MINIMAL, ["spec.distribution.zeroStage=3"])
+    assert load_job(MINIMAL, ["spec.distribution.zeroStage=3", "spec.baseModel.quantization.bits=null"])
+
+
 def test_manifest_round_trips_in_camel_case() -> None:
     job = load_job(MINIMAL)
     manifest = job.to_manifest()

@@ -217,6 +217,16 @@ class FineTuneJobSpec(KubeModel):
     cost: CostSpec = Field(default_factory=CostSpec)
 
     @model_validator(mode="after")
+    def _zero3_needs_unquantized_weights(self) -> FineTuneJobSpec:
+        # ZeRO-3 shards parameters across ranks; bitsandbytes' quantized weights cannot be sharded.
+        if self.distribution.zero_stage == 3 and self.base_model.quantization.bits is not None:
+            raise ValueError(
+                "distribution.zeroStage: stage 3 cannot shard a 4-bit or 8-bit base; use stage 2, "
+                "or set spec.baseModel.quantization.bits to null"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _s3_needs_a_secret(self) -> FineTuneJobSpec:
         s3_fields = [
             path

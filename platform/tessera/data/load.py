@@ -110,7 +110,9 @@ def _read_csv(uri: str, data: bytes) -> tuple[list[str], list[dict[str, Any]]]:
 
 def _read_jsonl(uri: str, data: bytes) -> tuple[list[str], list[dict[str, Any]]]:
     try:
-        lines = data.decode("utf-8-sig").splitlines()
+        # JSON Lines ends records at "\n" only: str.splitlines would also split inside strings on
+        # Unicode line separators, which tweets do contain.
+        lines = data.decode("utf-8-sig").split("\n")
     except UnicodeDecodeError as error:
         raise DatasetError(f"dataset {uri} is not UTF-8 text: {error}") from None
     records, columns = [], {}

@@ -7,7 +7,6 @@ Imported by the trainer only, inside `train_job`: this module needs torch at imp
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from pathlib import Path
@@ -19,8 +18,6 @@ import torch.nn.functional as F
 from tessera.api import FineTuneJob
 from tessera.train.distributed import DistEnv
 from tessera.train.plan import MAX_GRAD_NORM, Precision, deepspeed_config
-
-log = logging.getLogger(__name__)
 
 TORCH_STATE_FILE = "optimizer.pt"
 DEEPSPEED_TAG = "deepspeed"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -17,8 +16,6 @@ from tessera.train.plan import Hardware
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger(__name__)
 
 def detect_hardware(env: DistEnv) -> Hardware:
     """The device this process trains on (CUDA device `LOCAL_RANK`, else the CPU) and whether it has bf16."""

@@ -62,12 +62,6 @@ def check_supported(job: FineTuneJob, hardware: Hardware) -> None:
     """Refuse combinations that cannot train, naming the field to change."""
     spec = job.spec
     problems = []
-    if spec.distribution.zero_stage == 3 and spec.base_model.quantization.bits is not None:
-        problems.append(
-            "spec.distribution.zeroStage: ZeRO-3 partitions the frozen base weights, which bitsandbytes "
-            "keeps quantized and cannot partition; use zeroStage 2 (adapter, gradients and optimizer "
-            "are sharded) or spec.baseModel.quantization.bits: null"
-        )
     if spec.training.optimizer in ("adamw_8bit", "paged_adamw_8bit") and hardware.device_type != "cuda":
         problems.append(
             f"spec.training.optimizer: {spec.training.optimizer} needs a CUDA GPU (bitsandbytes' "

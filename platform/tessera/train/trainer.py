@@ -27,8 +27,6 @@ from tessera.train.progress import ProgressReporter, progress_document
 
 log = logging.getLogger(__name__)
 
-PREPARED_TRAIN_FILE = "train.jsonl"
-
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -121,6 +119,7 @@ def train_job(job: FineTuneJob, *, show_progress: bool = True, env: DistEnv | No
     from transformers import AutoTokenizer
 
     from tessera.data import Collator, build_features, load_prepared
+    from tessera.data.prepare import TRAIN_FILE
     from tessera.train.modeling import (
         attach_lora,
         detect_hardware,
@@ -146,7 +145,7 @@ def train_job(job: FineTuneJob, *, show_progress: bool = True, env: DistEnv | No
     training = job.spec.training
 
     prepared = load_prepared(job, artifacts.store)
-    fingerprint = plan.training_fingerprint(job, prepared.manifest["files"][PREPARED_TRAIN_FILE])
+    fingerprint = plan.training_fingerprint(job, prepared.manifest["files"][TRAIN_FILE])
     fingerprint["runtime"] = {"engine": engine_name, "worldSize": env.world_size}
     resumed = find_resume_point(artifacts, fingerprint, env, collective)
     if resumed is not None and resumed.step >= resumed.total_steps:
