@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop
+
 S3_ACCESS_KEY = "tessera-test-access"
 S3_SECRET_KEY = "tessera-test-secret-0123456789"  # noqa: S105 - a test server's key
 S3_REGION = "us-east-1"
@@ -57,12 +59,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.1)
         yield endpoint
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=10)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.chart.helm import one, render
+from tests.processes import stop
 
 pytestmark = pytest.mark.slow
 
@@ -97,12 +98,7 @@ def start_runtime(tiny_model: Path, tmp_path: Path, free_port: int) -> Iterator[
 
     yield start
     for process in started:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def wait_ready(container: dict[str, Any], port: int, log: Path, seconds: float = 30) -> None:

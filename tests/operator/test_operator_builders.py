@@ -52,7 +52,7 @@ def job_manifest(**spec_overrides: object) -> dict:
     spec = {
         "baseModel": {"uri": "s3://tessera/models/llama-3.1-8b-instruct", "name": "meta-llama/Llama-3.1-8B-Instruct"},
         "dataset": {"uri": "s3://tessera/datasets/fpb.csv", "task": "sentiment"},
-        "distribution": {"workers": 3, "gpusPerWorker": 4, "zeroStage": 3},
+        "distribution": {"workers": 3, "gpusPerWorker": 4, "zeroStage": 2},
         "scheduling": {
             "nodeSelector": {"nvidia.com/gpu.product": "A100-SXM4-80GB"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],

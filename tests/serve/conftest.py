@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop
 from tests.serve.helpers import (
     ALL_TARGETS,
     MAX_LORA_RANK,
@@ -127,12 +128,7 @@ def server_process(tiny_base, startup_adapter, adapters_root, s3_server, tmp_pat
     try:
         yield RunningServer(f"http://127.0.0.1:{port}", process, log_path, adapters_root)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tessera.api.base import SHA256_HEX, Condition, DnsLabel, DnsSubdomain, KubeModel, ObjectMeta
+from tessera.api.base import SHA256_HEX, Condition, DnsLabel, DnsSubdomain, KubeModel, KubeResource
 
 AdapterPhase = Literal["Pending", "Loading", "Ready", "Failed"]
 ReplicaState = Literal["Pending", "Loading", "Loaded", "Failed", "Unloaded"]
@@ -75,23 +75,11 @@ class AdapterStatus(KubeModel):
     message: str = ""
 
 
-class Adapter(KubeModel):
+class Adapter(KubeResource):
     """A LoRA adapter in the store, hot-loaded into the InferenceService of its base model."""
 
     api_version: Literal["tessera.dev/v1alpha1"] = "tessera.dev/v1alpha1"
     kind: Literal["Adapter"] = "Adapter"
-    metadata: ObjectMeta
     spec: AdapterSpec
     status: AdapterStatus | None = None
-
-    @property
-    def inference_service_name(self) -> str:
-        from tessera.api.naming import inference_service_for
-
-        return self.spec.serving.inference_service or inference_service_for(self.spec.base_model.uri)
-
-    def to_manifest(self) -> dict[str, Any]:
-        manifest = self.to_wire()
-        manifest.pop("status", None)
-        return manifest
 

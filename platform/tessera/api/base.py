@@ -62,3 +62,23 @@ class Condition(KubeModel):
     message: str = ""
     last_transition_time: str | None = None
     observed_generation: int | None = None
+
+
+class KubeResource(KubeModel):
+    """What FineTuneJob and Adapter share: metadata, a spec naming a base model and its serving."""
+
+    metadata: ObjectMeta
+
+    @property
+    def inference_service_name(self) -> str:
+        """The shared InferenceService of the base model, unless the spec names one."""
+        from tessera.api.naming import inference_service_for
+
+        spec = self.spec  # type: ignore[attr-defined]
+        return spec.serving.inference_service or inference_service_for(spec.base_model.uri)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The object as kubectl shows it (camelCase), without status."""
+        wire = self.to_wire()
+        return {key: wire[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in wire}
+

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tessera import API_VERSION
-from tessera.api.base import Condition, DnsLabel, DnsSubdomain, KubeModel, ObjectMeta
+from tessera.api.base import Condition, DnsLabel, DnsSubdomain, KubeModel, KubeResource
 
 TaskName = Literal[
     "sentiment", "headline", "ner", "xbrl-tags", "xbrl-values", "recommendation", "forecast", "text", "chat"
@@ -293,29 +293,14 @@ class FineTuneJobStatus(KubeModel):
     completion_time: str | None = None
 
 
-class FineTuneJob(KubeModel):
+class FineTuneJob(KubeResource):
     """A request to turn a dataset into an evaluated, published LoRA adapter."""
-
-    model_config = KubeModel.model_config | {"extra": "forbid"}
 
     api_version: Literal["tessera.dev/v1alpha1"] = API_VERSION
     kind: Literal["FineTuneJob"] = "FineTuneJob"
-    metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: FineTuneJobStatus | None = None
 
     @property
     def adapter_name(self) -> str:
         return self.spec.output.adapter_name or self.metadata.name
-
-    @property
-    def inference_service_name(self) -> str:
-        from tessera.api.naming import inference_service_for
-
-        return self.spec.serving.inference_service or inference_service_for(self.spec.base_model.uri)
-
-    def to_manifest(self) -> dict[str, Any]:
-        """The object as kubectl shows it (camelCase), without status."""
-        manifest = self.to_wire()
-        manifest.pop("status", None)
-        return manifest
