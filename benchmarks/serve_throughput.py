@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+from tessera.serve.readiness import wait_until_ready
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [
@@ -135,17 +136,11 @@ class ServerProcess:
         self.log = log
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server did not start in time")
+        try:
+            # /v1/models: the naive baseline server has no KServe health routes.
+            wait_until_ready(self.url, self.process, timeout, path="/v1/models")
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}:\n{self.log.read_text()[-3000:]}") from None
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

@@ -12,11 +12,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 from openai import OpenAI
+from tessera.serve.readiness import wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "examples" / "tfns-sentiment.yaml"
@@ -38,20 +38,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(base_url: str, server: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"tessera serve exited with {server.returncode}")
-        try:
-            if httpx.get(f"{base_url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("tessera serve did not become ready in time")
-
-
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tessera("model", "init-tiny", str(BASE_MODEL))
@@ -68,7 +54,7 @@ def main() -> None:
         cwd=REPO,
     )
     try:
-        wait_ready(base_url, server)
+        wait_until_ready(base_url, server, timeout=180)
         load = httpx.post(
             f"{base_url}/v1/load_lora_adapter",
             json={"lora_name": "tfns-sentiment", "lora_path": adapter_uri},

@@ -40,10 +40,3 @@ def published_key(job: FineTuneJob) -> str:
 def adapter_prefix(namespace: str, name: str, version: str) -> str:
     return f"adapters/{namespace}/{name}/{version}"
 
-
-def dataset_prefix(name: str) -> str:
-    return f"datasets/{name}"
-
-
-def model_prefix(base: str) -> str:
-    return f"models/{base}"
