@@ -50,9 +50,10 @@ def inspect_gguf(path: Path) -> GgufInfo:
         fields = {key: field.contents() for key, field in reader.fields.items() if key.startswith("general.")}
         tensor_types = frozenset(tensor.tensor_type.name for tensor in reader.tensors)
     except (ValueError, KeyError, IndexError, OSError) as error:
-        # gguf's messages describe the structure it expected (magic, offsets), never file content.
-        reason = "the file is truncated" if "larger than" in str(error) or "mmap" in str(error) else str(error)[:200]
-        raise ModelImportError(f"{path.name} is not a readable GGUF file: {reason}") from None
+        # gguf's messages describe the layout it expected (magic, sizes, shapes), never file content.
+        if "magic" in str(error).lower():
+            raise ModelImportError(f"{path.name} is not a GGUF file (no GGUF magic number at its start)") from None
+        raise ModelImportError(f"{path.name} is truncated or corrupt: {str(error)[:160]}") from None
     architecture = str(fields.get("general.architecture", ""))
     organization, basename, size = (fields.get(f"general.{k}") for k in ("organization", "basename", "size_label"))
     upstream = f"{organization}/{basename}-{size}" if organization and basename and size else None
@@ -92,7 +93,7 @@ def import_gguf(source: Path, directory: Path, *, name: str | None = None, dtype
         except (ValueError, NotImplementedError, KeyError, RuntimeError, OSError) as error:
             kinds = ", ".join(sorted(info.tensor_types))
             raise ModelImportError(
-                f"{source.name}: transformers cannot dequantize it (tensor types {kinds}): {str(error)[:200]}"
+                f"{source.name}: transformers cannot convert it (tensor types {kinds}): {str(error)[:200]}"
             ) from None
         # The GGUF marker makes save_pretrained refuse: the weights are dense now, the marker is stale.
         model.hf_quantizer = None
