@@ -195,23 +195,35 @@ def _json_substitute(obj: Any, values: dict[str, str]) -> Any:
 
 
 def _lookup(obj: Any, path: str) -> Any:
+    """A gjson path as Argo resolves it: `.`-separated keys, a number indexes a list."""
     for part in path.split("."):
-        if not isinstance(obj, dict):
+        if isinstance(obj, list) and part.isdigit():
+            obj = obj[int(part)] if int(part) < len(obj) else None
+        elif isinstance(obj, dict):
+            obj = obj.get(part)
+        else:
             return None
-        obj = obj.get(part)
     return obj
 
 
 def condition_holds(condition: str, obj: dict[str, Any]) -> bool:
-    """An Argo resource success/failure condition: comma-separated `path op value` requirements."""
+    """An Argo resource success/failure condition: a label selector whose keys are gjson paths.
+
+    Comma-separated requirements, all of which must hold: `path op value`, or a bare `path` that
+    must exist. As in Kubernetes' label selectors, `!=` also holds when the path is missing.
+    """
     for requirement in condition.split(","):
-        match = re.match(r"\s*([\w.-]+)\s*(==|!=|=|>|<|\s+in\s+)\s*(.*?)\s*$", requirement)
+        match = re.match(r"\s*([\w.-]+)\s*(?:(==|!=|=|>|<|\s+in\s+)\s*(.*?))?\s*$", requirement)
         if not match:
             raise ValueError(f"cannot parse condition {requirement!r}")
-        path, op, expected = match.group(1), match.group(2).strip(), match.group(3)
+        path, op, expected = match.group(1), (match.group(2) or "").strip(), match.group(3) or ""
         actual = _lookup(obj, path)
         if actual is None:
+            if op == "!=":
+                continue
             return False
+        if not op:
+            continue
         if op in (">", "<"):
             try:
                 ok = float(actual) > float(expected) if op == ">" else float(actual) < float(expected)
