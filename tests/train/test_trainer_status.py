@@ -117,6 +117,8 @@ def test_an_untrusted_server_or_a_missing_token_is_a_warning_not_an_error(server
     assert "CERTIFICATE_VERIFY_FAILED" in caplog.text and "FileNotFoundError" in caplog.text
 
 
-def test_no_trainer_v2_environment_no_reporter():
+def test_no_trainer_v2_environment_no_reporter(tmp_path):
     assert TrainerStatusReporter.from_environ({}) is None
     assert TrainerStatusReporter.from_environ({URL_ENV: "https://x"}) is None
+    # The token never goes over plain HTTP.
+    assert TrainerStatusReporter.from_environ({URL_ENV: "http://x/status", TOKEN_ENV: str(tmp_path / "t")}) is None
