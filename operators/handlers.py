@@ -33,12 +33,12 @@ from tessera_operator.artifacts import read_job_artifacts
 from tessera_operator.builders import (
     ISVC_LABEL,
     JOB_CONFIG_KEY,
+    TRAINING_KINDS,
     build_adapter,
     build_inference_service,
     build_job_configmap,
     build_workflow,
     effective_job,
-    TRAINING_KINDS,
     launcher_of,
     owner_reference,
     submitted_generation,
