@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from tessera.api import Adapter, FineTuneJob, parse_resource
+from tessera.api.finetunejob import LAUNCHERS
 from tessera.api.naming import dns_label
 from tessera.errors import InvalidSpecError
 from tessera_operator.config import OperatorConfig
@@ -56,7 +57,7 @@ def training_job_name(job_name: str) -> str:
 
 def launcher_of(job: FineTuneJob) -> str:
     """The job's launcher; `effective_job` has filled in the installation's default."""
-    return job.spec.distribution.launcher or "pytorchjob"
+    return job.spec.distribution.launcher or LAUNCHERS[0]
 
 
 def effective_job(body: dict[str, Any], config: OperatorConfig) -> FineTuneJob:

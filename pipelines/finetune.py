@@ -72,6 +72,7 @@ from hera.workflows import (
 )
 from hera.workflows import models as m
 from tessera import __version__
+from tessera.api.finetunejob import LAUNCHERS, DistributionSpec
 
 TEMPLATE_NAME = "tessera-finetune"
 DEFAULT_IMAGE = f"ghcr.io/tessera-ml/tessera-trainer:{__version__}"
@@ -81,7 +82,6 @@ SERVICE_ACCOUNT = "tessera-pipeline"
 JOB_FILE = "/config/job.yaml"
 RUN_AS = 1000
 
-LAUNCHERS = ("pytorchjob", "trainjob")
 TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 
 # The template's interface: every parameter the operator passes, with the default the template uses.
@@ -96,7 +96,7 @@ PARAMETERS: dict[str, str] = {
     "nproc-per-node": "1",
     "gpus-per-worker": "0",
     "gpu-resource": DEFAULT_GPU_RESOURCE,
-    "restart-limit": "3",
+    "restart-limit": str(DistributionSpec.model_fields["max_restarts"].default),  # one worker's
     "node-selector": "{}",
     "tolerations": "[]",
     "priority-class-name": "",

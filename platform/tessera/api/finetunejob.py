@@ -6,7 +6,7 @@ dropout 0.1, learning rate 1e-4). Status follows the OpenAI fine-tuning API and 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -117,7 +117,7 @@ class TrainingSpec(KubeModel):
 
 
 Launcher = Literal["pytorchjob", "trainjob"]
-LAUNCHERS: tuple[str, ...] = ("pytorchjob", "trainjob")
+LAUNCHERS: tuple[str, ...] = get_args(Launcher)
 
 
 class DistributionSpec(KubeModel):
