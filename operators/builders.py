@@ -5,8 +5,9 @@ The operator's handlers and `tessera render` share them, so what a person review
 
 Ownership, and why:
 - The job's ConfigMap (its frozen manifest) and its Workflow are owned by the FineTuneJob:
-  deleting the job garbage-collects the Workflow, which owns the PyTorchJob its train step
-  creates (`setOwnerReference`), so deleting a job stops all its work.
+  deleting the job garbage-collects the Workflow, which owns the training job its train step
+  creates (a PyTorchJob, or a TrainJob and its TrainingRuntime; `setOwnerReference`), so
+  deleting a job stops all its work.
 - The Adapter a succeeded job creates is NOT owned by the job. A promoted adapter serves traffic;
   cleaning up finished jobs must not take a model out of production. It carries the label
   `tessera.dev/job` and `spec.lineage.job` instead, so `kubectl get lora -l tessera.dev/job=x`
@@ -21,10 +22,11 @@ from typing import Any
 
 import yaml
 from tessera.api import Adapter, FineTuneJob, parse_resource
+from tessera.api.finetunejob import LAUNCHERS
 from tessera.api.naming import dns_label
 from tessera.errors import InvalidSpecError
 from tessera_operator.config import OperatorConfig
-from tessera_pipelines import JOB_FILE, json_parameter, render_pytorchjob
+from tessera_pipelines import JOB_FILE, json_parameter, render_training_objects
 
 GROUP = "tessera.dev"
 VERSION = "v1alpha1"
@@ -42,9 +44,20 @@ def workflow_name(job_name: str) -> str:
     return dns_label(f"ftj-{job_name}")
 
 
-def pytorchjob_name(job_name: str) -> str:
-    # Pods are named <name>-master-0 / <name>-worker-N and must stay within 63 characters.
-    return dns_label(f"ftj-{job_name}-train", max_length=50)
+# The training job's kind for each launcher: what the train step creates and the operator reads.
+TRAINING_KINDS = {"pytorchjob": ("kubeflow.org/v1", "PyTorchJob"),
+                  "trainjob": ("trainer.kubeflow.org/v1alpha1", "TrainJob")}
+
+
+def training_job_name(job_name: str) -> str:
+    # Pods are named <name>-master-0 / <name>-worker-N (PyTorchJob) or <name>-node-0-N-xxxxx
+    # (TrainJob, through JobSet) and must stay within 63 characters.
+    return dns_label(f"ftj-{job_name}-train", max_length=46)
+
+
+def launcher_of(job: FineTuneJob) -> str:
+    """The job's launcher; `effective_job` has filled in the installation's default."""
+    return job.spec.distribution.launcher or LAUNCHERS[0]
 
 
 def effective_job(body: dict[str, Any], config: OperatorConfig) -> FineTuneJob:
@@ -60,9 +73,17 @@ def effective_job(body: dict[str, Any], config: OperatorConfig) -> FineTuneJob:
         if isinstance(store, dict) and "uri" not in store:
             store["uri"] = config.store_uri
             store.setdefault("credentialsSecret", config.store_secret)
+    if isinstance(spec, dict):
+        distribution = spec.setdefault("distribution", {})
+        if isinstance(distribution, dict):
+            distribution.setdefault("launcher", config.launcher)
     resource = parse_resource(document)
     if not isinstance(resource, FineTuneJob):
         raise InvalidSpecError([f"kind: expected FineTuneJob, found {resource.kind}"])
+    if launcher_of(resource) not in config.launchers:
+        raise InvalidSpecError([f"spec.distribution.launcher: {launcher_of(resource)} is not enabled in this "
+                                f"installation (enabled: {', '.join(config.launchers)}; the chart's "
+                                "training.launcher and training.otherLaunchers)"])
     return resource
 
 
@@ -141,11 +162,15 @@ def workflow_arguments(job: FineTuneJob, config: OperatorConfig) -> dict[str, st
         "job-name": job.metadata.name,
         "image": config.trainer_image,
         "store-secret": job.spec.store.credentials_secret or config.store_secret,
-        "pytorchjob-name": pytorchjob_name(job.metadata.name),
+        "launcher": launcher_of(job),
+        "training-job-name": training_job_name(job.metadata.name),
+        "num-nodes": str(distribution.workers),
         "worker-replicas": str(distribution.workers - 1),
         "nproc-per-node": str(max(distribution.gpus_per_worker, 1)),
         "gpus-per-worker": str(distribution.gpus_per_worker),
         "gpu-resource": config.gpu_resource,
+        # Losing one node restarts every node's torchrun: each restart costs one per worker.
+        "restart-limit": str(distribution.max_restarts * distribution.workers),
         "node-selector": json_parameter(scheduling.node_selector),
         "tolerations": json_parameter(scheduling.tolerations),
         "priority-class-name": scheduling.priority_class_name or "",
@@ -172,11 +197,13 @@ def workflow_parameters(workflow: dict[str, Any]) -> dict[str, str]:
     return {p["name"]: p.get("value", "") for p in workflow["spec"].get("arguments", {}).get("parameters", [])}
 
 
-def preview_pytorchjob(workflow: dict[str, Any]) -> dict[str, Any]:
-    """The PyTorchJob that `workflow`'s train step will create (for review; Argo creates it)."""
-    job = render_pytorchjob(workflow_parameters(workflow), workflow["metadata"]["name"])
-    job["metadata"]["namespace"] = workflow["metadata"]["namespace"]
-    return job
+def preview_training_objects(workflow: dict[str, Any]) -> list[dict[str, Any]]:
+    """What `workflow`'s train step will create (for review; Argo creates them): a PyTorchJob, or a
+    TrainingRuntime and the TrainJob that runs on it."""
+    objects = render_training_objects(workflow_parameters(workflow), workflow["metadata"]["name"])
+    for obj in objects:
+        obj["metadata"]["namespace"] = workflow["metadata"]["namespace"]
+    return objects
 
 
 def build_inference_service(adapter: Adapter, config: OperatorConfig) -> dict[str, Any]:
@@ -249,7 +276,7 @@ def _without_nones(value: Any) -> Any:
 def render_objects(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
     """Everything the operator (and, through it, Argo) creates for `job`, in creation order."""
     workflow = build_workflow(job, config)
-    objects = [build_job_configmap(job), workflow, preview_pytorchjob(workflow)]
+    objects = [build_job_configmap(job), workflow, *preview_training_objects(workflow)]
     if job.spec.serving.enabled and job.spec.serving.create_inference_service:
         adapter = Adapter.model_validate({
             "metadata": {"name": job.adapter_name, "namespace": job.metadata.namespace},

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tessera.api.finetunejob import Launcher
 from tessera_pipelines import DEFAULT_GPU_RESOURCE, DEFAULT_IMAGE, DEFAULT_STORE_SECRET, SERVICE_ACCOUNT, TEMPLATE_NAME
 
 _ENV = {
@@ -14,6 +15,8 @@ _ENV = {
     "trainer_image": "TESSERA_TRAINER_IMAGE",
     "serving_runtime": "TESSERA_SERVING_RUNTIME",
     "gpu_resource": "TESSERA_GPU_RESOURCE",
+    "launcher": "TESSERA_LAUNCHER",
+    "other_launchers": "TESSERA_OTHER_LAUNCHERS",
     "store_uri": "TESSERA_STORE_URI",
     "store_secret": "TESSERA_STORE_SECRET",
     "poll_seconds": "TESSERA_POLL_SECONDS",
@@ -31,6 +34,10 @@ class OperatorConfig(BaseModel):
     trainer_image: str = DEFAULT_IMAGE
     serving_runtime: str = "tessera"
     gpu_resource: str = DEFAULT_GPU_RESOURCE
+    # The kind that runs a job's training pods unless its spec.distribution.launcher says otherwise,
+    # and the other kinds a job may pick (the chart grants the workflow RBAC for exactly these).
+    launcher: Launcher = "pytorchjob"
+    other_launchers: tuple[Launcher, ...] = ()
     # Applied to jobs whose spec names no store: the installation's store and its Secret.
     store_uri: str | None = None
     store_secret: str = DEFAULT_STORE_SECRET
@@ -38,6 +45,18 @@ class OperatorConfig(BaseModel):
     poll_seconds: float = Field(10.0, gt=0)
     # Port of the adapter API on a predictor pod when its container declares none.
     replica_port: int = 8080
+
+    @field_validator("other_launchers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @property
+    def launchers(self) -> tuple[str, ...]:
+        """Every kind this installation can run, the default first."""
+        return (self.launcher, *[k for k in self.other_launchers if k != self.launcher])
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:

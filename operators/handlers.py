@@ -33,14 +33,16 @@ from tessera_operator.artifacts import read_job_artifacts
 from tessera_operator.builders import (
     ISVC_LABEL,
     JOB_CONFIG_KEY,
+    TRAINING_KINDS,
     build_adapter,
     build_inference_service,
     build_job_configmap,
     build_workflow,
     effective_job,
+    launcher_of,
     owner_reference,
-    pytorchjob_name,
     submitted_generation,
+    training_job_name,
     workflow_name,
 )
 from tessera_operator.config import OperatorConfig
@@ -238,17 +240,17 @@ def _observe(job: FineTuneJob, memo: kopf.Memo, kube: Kube, logger: Any) -> Obse
         return None
     nodes = step_nodes(workflow)
     done = {step for step, node in nodes.items() if node.get("phase") == "Succeeded"}
-    pytorchjob = None
+    training_job = None
     if "train" in nodes:
-        pytorchjob = kube.get("kubeflow.org/v1", "PyTorchJob", namespace, pytorchjob_name(job.metadata.name))
+        training_job = kube.get(*TRAINING_KINDS[launcher_of(job)], namespace, training_job_name(job.metadata.name))
     try:
         artifacts = read_job_artifacts(job, _credentials(job, memo, kube), need_report="evaluate" in done,
                                        need_published="publish" in done)
     except (StoreError, Rejected) as error:
         # The status keeps its last progress; the Workflow's phase is still mirrored.
         logger.warning(f"cannot read the job's artifacts from {job.spec.store.uri}: {error}")
-        return Observation(workflow=workflow, pytorchjob=pytorchjob)
-    return Observation(workflow, pytorchjob, artifacts.progress, artifacts.report, artifacts.published)
+        return Observation(workflow=workflow, training_job=training_job)
+    return Observation(workflow, training_job, artifacts.progress, artifacts.report, artifacts.published)
 
 
 def _serve(body: kopf.Body, job: FineTuneJob, obs: Observation, kube: Kube) -> list[dict[str, str]]:
@@ -275,7 +277,7 @@ def _serve(body: kopf.Body, job: FineTuneJob, obs: Observation, kube: Kube) -> l
 
 @kopf.timer(*FINETUNEJOBS, interval=CONFIG.poll_seconds, initial_delay=CONFIG.poll_seconds, when=_running)
 def follow(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    """Mirror the Workflow, the PyTorchJob and the trainer's files into the job's status."""
+    """Mirror the Workflow, the training job and the trainer's files into the job's status."""
     kube: Kube = memo.kube
     current = dict(status)
     if not current.get("workflowRef"):

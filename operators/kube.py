@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 PLURALS = {
     ("argoproj.io/v1alpha1", "Workflow"): "workflows",
     ("kubeflow.org/v1", "PyTorchJob"): "pytorchjobs",
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjobs",
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservices",
     ("tessera.dev/v1alpha1", "Adapter"): "adapters",
     ("tessera.dev/v1alpha1", "FineTuneJob"): "finetunejobs",

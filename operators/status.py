@@ -1,6 +1,6 @@
 """What a FineTuneJob's status should say, from what the operator observed: pure functions.
 
-The handlers gather the observations (the Workflow, the PyTorchJob, the trainer's progress file,
+The handlers gather the observations (the Workflow, the training job, the trainer's progress file,
 the evaluation report, the publish record) and patch whatever these functions return.
 """
 
@@ -35,7 +35,7 @@ class Observation:
     """Everything the operator read about one job in one look."""
 
     workflow: dict[str, Any] | None = None
-    pytorchjob: dict[str, Any] | None = None
+    training_job: dict[str, Any] | None = None  # the PyTorchJob or the TrainJob
     progress: dict[str, Any] | None = None
     report: dict[str, Any] | None = None
     published: dict[str, Any] | None = None
@@ -184,10 +184,11 @@ def _phase_and_conditions(obs: Observation) -> tuple[str, list[dict[str, str]], 
     return (STEP_PHASE[running] if running else "Queued"), conditions, None
 
 
-def _pytorchjob_failure(pytorchjob: dict[str, Any] | None) -> str | None:
-    for cond in ((pytorchjob or {}).get("status") or {}).get("conditions") or []:
+def _training_failure(training_job: dict[str, Any] | None) -> str | None:
+    """Why the training job failed: both kinds say so with a `Failed` condition."""
+    for cond in ((training_job or {}).get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Failed" and cond.get("status") == "True":
-            return cond.get("message") or "the PyTorchJob failed"
+            return cond.get("message") or f"the {training_job.get('kind', 'training job')} failed"
     return None
 
 
@@ -196,9 +197,9 @@ def derive_status(job: FineTuneJob, current: dict[str, Any], obs: Observation, n
     phase, step_conditions, error = _phase_and_conditions(obs)
     if phase == "Publishing" and obs.published:
         phase = "Succeeded"
-    training_failure = _pytorchjob_failure(obs.pytorchjob)
+    training_failure = _training_failure(obs.training_job)
     if training_failure and (phase == "Training" or (error and error["code"] == "TrainingFailed")):
-        # The Training Operator says why (Argo's node only says which condition matched).
+        # The training operator says why (Argo's node only says which condition matched).
         phase, error = "Failed", {"code": "TrainingFailed", "message": training_failure}
         step_conditions = [c for c in step_conditions if c["type"] != "Trained"]
         step_conditions.append(condition("Trained", False, "TrainingFailed", training_failure))

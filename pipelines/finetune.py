@@ -2,24 +2,55 @@
 
 Every step runs the project's own CLI against the job manifest, which the operator freezes into a
 ConfigMap named after the Workflow (`{{workflow.name}}`) and every pod mounts at `/config`. A
-ConfigMap rather than a raw input artifact because the training pods belong to the PyTorchJob,
+ConfigMap rather than a raw input artifact because the training pods belong to the training job,
 not to Argo, and an artifact would reach only Argo's own pods.
 
-The train step is a resource template that creates a Kubeflow `PyTorchJob`: one Master plus
-`workers - 1` Workers, `gpusPerWorker` GPUs each as limits of the cluster's GPU resource
-(`nvidia.com/gpu` unless the chart says otherwise), the job's node selector, tolerations and
-priority class, the store credentials from the job's Secret, and the torchrun launch
-(`torchrun --no-python tessera train …`: the Training Operator sets the `PET_*` variables torchrun
-reads, and the trainer starts DeepSpeed inside those processes). Argo's success/failure
-conditions use label-selector syntax over gjson paths, which cannot pick an entry of
-`status.conditions` by its type (argo-workflows#7143, #2288); they read the Master replica's
-counters instead, which the Training Operator sets together with the job's Succeeded/Failed
-condition. The replicas never restart (`restartPolicy: Never`, `backoffLimit: 0`) so a failed
-counter is final.
+The train step creates the training job of the kind the `launcher` parameter names (the job's
+`spec.distribution.launcher`, or the installation's default), through two conditional steps:
 
-The manifest is text with `{{…}}` placeholders that Argo substitutes before creating the object;
-integer and JSON parameters are substituted unquoted (`replicas: {{…}}`), so the rendered YAML
-of the manifest is only valid once substituted, as in any Argo resource template.
+- `pytorchjob`: a Kubeflow Training Operator v1 `PyTorchJob`, one Master plus `workers - 1`
+  Workers (container `pytorch`, where the operator sets the `PET_*` variables torchrun reads).
+- `trainjob`: a Kubeflow Trainer v2 `TrainJob` (`numNodes` = workers, `numProcPerNode`,
+  `resourcesPerNode`, image and command) on a `TrainingRuntime` of the same name that the step
+  before it creates: the torch runtime's shape (one replicated job `node`, container `node`,
+  label `trainer.kubeflow.org/trainjob-ancestor-step: trainer`) with Tessera's pod template. The
+  runtime carries what the TrainJob API cannot say in a form stable across Trainer releases:
+  the TrainJob's pod-override field was `podSpecOverrides` in 2.0, `podTemplateOverrides` in 2.1
+  and `runtimePatches` from 2.2, while `runtimeRef` and `trainer` have kept their shape. The
+  runtime is owned by the Workflow, so it goes with it.
+
+Both kinds get the same pod: image and `torchrun --no-python tessera train` command, GPUs per
+worker as limits of the cluster's GPU resource (`nvidia.com/gpu` unless the chart says
+otherwise), the job's node selector, tolerations and priority class, the store credentials from
+the job's Secret (envFrom), the non-root pod and container security contexts, /config, /tmp and
+/dev/shm. Under Trainer v2 (>= 2.2 with the `TrainJobStatus` gate) the trainer also finds
+`KUBEFLOW_TRAINER_SERVER_URL` and its token and CA there, and posts its progress (KEP-2779).
+
+Restarts: a preempted or failed training pod is restarted in place (`restartPolicy: OnFailure`)
+and training resumes from the last checkpoint in the store. `restart-limit` bounds the restarts:
+the PyTorchJob's `runPolicy.backoffLimit` (the Training Operator sums the replicas' container
+restarts) and the `node` Job's `backoffLimit` (the Job controller counts failed pods); the
+operator passes `maxRestarts × workers`, since losing one node restarts every node's torchrun.
+
+Success and failure, read from each kind's own status. Argo's `successCondition` and
+`failureCondition` are Kubernetes label selectors whose keys are gjson paths into the object:
+`path op value`, comma = and, a bare path = "exists", `!=` also matching a missing path. A key
+must be a valid label key (letters, digits, `.`, `-`, `_`), so it cannot pick an entry of
+`status.conditions` by its type (argo-workflows#7143, #2288), only by its index. So:
+
+- PyTorchJob: success `status.replicaStatuses.Master.succeeded > 0`; failure
+  `status.completionTime` set while the Master has not succeeded. Not `Master.failed > 0`: with
+  restarts that counter is briefly 1 while a failed pod is replaced.
+- TrainJob: `status.jobsStatus` mirrors the JobSet's replicated jobs, and the runtime has exactly
+  one (`node`), so index 0 is that Job: success `status.jobsStatus.0.succeeded > 0`, failure
+  `status.jobsStatus.0.failed > 0`. A Job fails only once its backoffLimit is spent and the
+  runtime has no JobSet-level restarts, so the failed counter is final. The TrainJob's own
+  `Complete`/`Failed` conditions would sit at index 0 only for a TrainJob never suspended (Kueue
+  suspends first), so they are not used here; the operator reads them to explain a failure.
+
+The manifests are text with `{{…}}` placeholders that Argo substitutes before creating the
+object; integer and JSON parameters are substituted unquoted (`replicas: {{…}}`), so the rendered
+YAML of a manifest is only valid once substituted, as in any Argo resource template.
 """
 
 from __future__ import annotations
@@ -41,6 +72,7 @@ from hera.workflows import (
 )
 from hera.workflows import models as m
 from tessera import __version__
+from tessera.api.finetunejob import LAUNCHERS, DistributionSpec
 
 TEMPLATE_NAME = "tessera-finetune"
 DEFAULT_IMAGE = f"ghcr.io/tessera-ml/tessera-trainer:{__version__}"
@@ -50,23 +82,36 @@ SERVICE_ACCOUNT = "tessera-pipeline"
 JOB_FILE = "/config/job.yaml"
 RUN_AS = 1000
 
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
+
 # The template's interface: every parameter the operator passes, with the default the template uses.
 PARAMETERS: dict[str, str] = {
     "job-name": "",
     "image": DEFAULT_IMAGE,
     "store-secret": DEFAULT_STORE_SECRET,
-    "pytorchjob-name": "",
+    "launcher": LAUNCHERS[0],
+    "training-job-name": "",
+    "num-nodes": "1",
     "worker-replicas": "0",
     "nproc-per-node": "1",
     "gpus-per-worker": "0",
     "gpu-resource": DEFAULT_GPU_RESOURCE,
+    "restart-limit": str(DistributionSpec.model_fields["max_restarts"].default),  # one worker's
     "node-selector": "{}",
     "tolerations": "[]",
     "priority-class-name": "",
     "eval-pod-spec-patch": "{}",
 }
-# Substituted unquoted into the PyTorchJob manifest: integers and JSON values.
-_RAW_PARAMETERS = ("worker-replicas", "node-selector", "tolerations")
+# Substituted unquoted into the training manifests: integers and JSON values.
+_RAW_PARAMETERS = ("num-nodes", "worker-replicas", "restart-limit", "node-selector", "tolerations")
+TRAIN_COMMAND = ["torchrun", "--no-python", "tessera", "train", "-f", JOB_FILE]
+
+CONDITIONS: dict[str, tuple[str, str]] = {
+    # kind: (successCondition, failureCondition); see the module docstring for why these paths.
+    "pytorchjob": ("status.replicaStatuses.Master.succeeded > 0",
+                   "status.completionTime,status.replicaStatuses.Master.succeeded != 1"),
+    "trainjob": ("status.jobsStatus.0.succeeded > 0", "status.jobsStatus.0.failed > 0"),
+}
 
 
 def _param(name: str) -> str:
@@ -116,56 +161,118 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
-def pytorchjob_manifest() -> str:
-    """The PyTorchJob the train step creates, as Argo-templated YAML text."""
-    labels = {"tessera.dev/job": _param("job-name"), "tessera.dev/step": "train"}
-    pod_spec = {
-        # The workflow's account carries the registry pull secret; training needs no API token.
-        "serviceAccountName": "{{workflow.serviceAccountName}}",
-        "automountServiceAccountToken": False,
-        "securityContext": POD_SECURITY_CONTEXT,
-        "nodeSelector": _param("node-selector"),
-        "tolerations": _param("tolerations"),
-        "priorityClassName": _param("priority-class-name"),
-        "volumes": [
-            *STEP_VOLUMES,
-            # NCCL and the data loader workers share tensors through /dev/shm.
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        ],
-        "containers": [
-            {
-                "name": "pytorch",  # the Training Operator finds the training container by this name
-                "image": _param("image"),
-                "command": ["torchrun", "--no-python", "tessera", "train", "-f", JOB_FILE],
-                "env": ENV,
-                "envFrom": _store_env_from(),
-                "resources": {"limits": {_param("gpu-resource"): _param("gpus-per-worker")}},
-                "securityContext": CONTAINER_SECURITY_CONTEXT,
-                "volumeMounts": [*VOLUME_MOUNTS, {"name": "dshm", "mountPath": "/dev/shm"}],
-            }
-        ],
-    }
+def _labels() -> dict[str, str]:
+    return {"tessera.dev/job": _param("job-name"), "tessera.dev/step": "train"}
 
-    def replica(replicas: int | str) -> dict[str, Any]:
-        return {
-            "replicas": replicas,
-            "restartPolicy": "Never",
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
-        }
 
-    manifest = {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
-        "metadata": {"name": _param("pytorchjob-name"), "labels": labels},
+def _pod_template(container_name: str) -> dict[str, Any]:
+    """The training pod of either kind: `container_name` is where the launcher expects the trainer."""
+    return {
+        "metadata": {"labels": _labels()},
         "spec": {
-            "nprocPerNode": _param("nproc-per-node"),
-            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None"},
-            "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(_param("worker-replicas"))},
+            # The workflow's account carries the registry pull secret; training needs no API token.
+            # (Trainer v2 mounts its own audience-bound token for progress reports.)
+            "serviceAccountName": "{{workflow.serviceAccountName}}",
+            "automountServiceAccountToken": False,
+            "restartPolicy": "OnFailure",
+            "securityContext": POD_SECURITY_CONTEXT,
+            "nodeSelector": _param("node-selector"),
+            "tolerations": _param("tolerations"),
+            "priorityClassName": _param("priority-class-name"),
+            "volumes": [
+                *STEP_VOLUMES,
+                # NCCL and the data loader workers share tensors through /dev/shm.
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            ],
+            "containers": [
+                {
+                    "name": container_name,
+                    "image": _param("image"),
+                    "command": TRAIN_COMMAND,
+                    "env": ENV,
+                    "envFrom": _store_env_from(),
+                    "resources": _gpu_limits(),
+                    "securityContext": CONTAINER_SECURITY_CONTEXT,
+                    "volumeMounts": [*VOLUME_MOUNTS, {"name": "dshm", "mountPath": "/dev/shm"}],
+                }
+            ],
         },
     }
+
+
+def _gpu_limits() -> dict[str, Any]:
+    return {"limits": {_param("gpu-resource"): _param("gpus-per-worker")}}
+
+
+def _manifest_text(manifest: dict[str, Any], raw_parameters: tuple[str, ...] = _RAW_PARAMETERS) -> str:
     text = yaml.dump(manifest, Dumper=_PlainDumper, sort_keys=False, width=1000)
-    raw = "|".join(re.escape(_param(name)) for name in _RAW_PARAMETERS)
+    raw = "|".join(re.escape(_param(name)) for name in raw_parameters)
     return re.sub(rf"'({raw})'", r"\1", text)
+
+
+def pytorchjob_manifest() -> str:
+    """The PyTorchJob the train step creates (launcher `pytorchjob`), as Argo-templated YAML text."""
+
+    def replica(replicas: int | str) -> dict[str, Any]:
+        # The Training Operator finds the training container by the name `pytorch`.
+        return {"replicas": replicas, "restartPolicy": "OnFailure", "template": _pod_template("pytorch")}
+
+    return _manifest_text({
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": _param("training-job-name"), "labels": _labels()},
+        "spec": {
+            "nprocPerNode": _param("nproc-per-node"),
+            "runPolicy": {"backoffLimit": _param("restart-limit"), "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(_param("worker-replicas"))},
+        },
+    })
+
+
+def trainingruntime_manifest() -> str:
+    """The job's TrainingRuntime (launcher `trainjob`): the torch runtime's shape, Tessera's pod."""
+    return _manifest_text({
+        "apiVersion": TRAINER_API,
+        "kind": "TrainingRuntime",
+        "metadata": {"name": _param("training-job-name"),
+                     "labels": {**_labels(), "trainer.kubeflow.org/framework": "torch"}},
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {}},
+            "template": {"spec": {"replicatedJobs": [{
+                "name": "node",
+                "template": {
+                    "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                    "spec": {"backoffLimit": _param("restart-limit"), "template": _pod_template("node")},
+                },
+            }]}},
+        },
+    })
+
+
+def trainjob_manifest() -> str:
+    """The TrainJob the train step creates (launcher `trainjob`) on the job's TrainingRuntime."""
+    return _manifest_text({
+        "apiVersion": TRAINER_API,
+        "kind": "TrainJob",
+        "metadata": {"name": _param("training-job-name"), "labels": _labels()},
+        "spec": {
+            "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                           "name": _param("training-job-name")},
+            "trainer": {
+                "image": _param("image"),
+                "command": TRAIN_COMMAND,
+                "numNodes": _param("num-nodes"),
+                "numProcPerNode": _param("nproc-per-node"),
+                "resourcesPerNode": _gpu_limits(),
+            },
+        },
+    }, (*_RAW_PARAMETERS, "nproc-per-node"))  # an integer here; the PyTorchJob's nprocPerNode is a string
+
+
+def _training_resource(kind: str, manifest: str) -> Resource:
+    success, failure = CONDITIONS[kind]
+    return Resource(name=kind, action="create", set_owner_reference=True, manifest=manifest,
+                    success_condition=success, failure_condition=failure)
 
 
 def _step_container(name: str) -> Container:
@@ -202,14 +309,16 @@ def build_workflow_template() -> dict[str, Any]:
         volumes=[m.Volume.model_validate(v) for v in STEP_VOLUMES],
     ) as template:
         step = _step_container("tessera-step")
-        train = Resource(
-            name="train",
-            action="create",
-            set_owner_reference=True,
-            manifest=pytorchjob_manifest(),
-            success_condition="status.replicaStatuses.Master.succeeded > 0",
-            failure_condition="status.replicaStatuses.Master.failed > 0",
-        )
+        runtime = Resource(name="trainingruntime", action="create", set_owner_reference=True,
+                           manifest=trainingruntime_manifest())
+        pytorchjob = _training_resource("pytorchjob", pytorchjob_manifest())
+        trainjob = _training_resource("trainjob", trainjob_manifest())
+        launcher = _param("launcher")
+        with Steps(name="train") as train:
+            Step(name="trainingruntime", template=runtime, when=f"{launcher} == trainjob")
+            with train.parallel():
+                Step(name="pytorchjob", template=pytorchjob, when=f"{launcher} == pytorchjob")
+                Step(name="trainjob", template=trainjob, when=f"{launcher} == trainjob")
         with Steps(name="finetune"):
             Step(name="prepare", template=step, arguments={"step": "prepare"})
             Step(name="train", template=train)
@@ -228,13 +337,19 @@ def render_yaml() -> str:
     return header + yaml.safe_dump(build_workflow_template(), sort_keys=False, width=110)
 
 
-def render_pytorchjob(parameters: dict[str, str], workflow_name: str) -> dict[str, Any]:
-    """The PyTorchJob the train step creates for these workflow parameters (Argo's substitution)."""
+MANIFESTS = {"pytorchjob": (pytorchjob_manifest,), "trainjob": (trainingruntime_manifest, trainjob_manifest)}
+
+
+def render_training_objects(parameters: dict[str, str], workflow_name: str) -> list[dict[str, Any]]:
+    """What the train step creates for these workflow parameters (Argo's substitution), in order."""
     values = {**PARAMETERS, **parameters}
-    text = pytorchjob_manifest().replace("{{workflow.name}}", workflow_name)
-    for name, value in values.items():
-        text = text.replace(_param(name), value)
-    return yaml.safe_load(text)
+    objects = []
+    for manifest in MANIFESTS[values["launcher"]]:
+        text = manifest().replace("{{workflow.name}}", workflow_name)
+        for name, value in values.items():
+            text = text.replace(_param(name), value)
+        objects.append(yaml.safe_load(text))
+    return objects
 
 
 def json_parameter(value: Any) -> str:

@@ -50,6 +50,8 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "serviceMonitor.labels": {"release": "kube-prometheus-stack"},
     },
     "no-network-policy": {"networkPolicy.enabled": False},
+    "trainer-v2": {"training.launcher": "trainjob"},
+    "both-launchers": {"training.otherLaunchers": ["trainjob"]},
     "namespaced": {
         "watchNamespaces": ["research", "trading"],
         "jobNamespaces": ["research"],
@@ -93,11 +95,15 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
 
-def substituted_pytorchjob(template: dict[str, Any]) -> dict[str, Any]:
-    """The train step's PyTorchJob with the workflow parameters at their defaults, as Argo makes it."""
+TRAINING_TEMPLATES = ("pytorchjob", "trainingruntime", "trainjob")
+
+
+def substituted(template: dict[str, Any], name: str = "pytorchjob") -> dict[str, Any]:
+    """What the train step's resource template `name` creates, the workflow parameters at their
+    defaults, as Argo makes it: the PyTorchJob, the TrainingRuntime or the TrainJob."""
     defaults = {p["name"]: p.get("value", "") for p in template["spec"]["arguments"]["parameters"]}
-    defaults |= {"job-name": "fpb-sentiment", "pytorchjob-name": "fpb-sentiment-train"}
-    (resource,) = [t["resource"] for t in template["spec"]["templates"] if "resource" in t]
+    defaults |= {"job-name": "fpb-sentiment", "training-job-name": "fpb-sentiment-train"}
+    (resource,) = [t["resource"] for t in template["spec"]["templates"] if t["name"] == name]
     text = re.sub(r"\{\{workflow\.parameters\.([a-z-]+)\}\}", lambda m: defaults[m.group(1)], resource["manifest"])
     return yaml.safe_load(text.replace("{{workflow.name}}", "fpb-sentiment-abcde"))
 
@@ -114,7 +120,8 @@ def test_every_rendered_document_validates_against_its_schema(combination: str) 
     problems = {name_of(doc): schema_problems(doc) for doc in docs
                 if (doc["apiVersion"], doc["kind"]) not in SCHEMALESS}
     for template in of_kind(docs, "WorkflowTemplate"):
-        problems[f"PyTorchJob of {name_of(template)}"] = validate_against_crd(substituted_pytorchjob(template))
+        for name in TRAINING_TEMPLATES:
+            problems[f"{name} of {name_of(template)}"] = validate_against_crd(substituted(template, name))
     assert {name: found for name, found in problems.items() if found} == {}
     kinds = {doc["kind"] for doc in docs}
     assert {"CustomResourceDefinition", "Deployment", "ClusterServingRuntime", "WorkflowTemplate"} <= kinds
@@ -135,7 +142,7 @@ OPERATOR_NAMESPACED_GRANTS = {
     ("tessera.dev", "adapters/status"): {"patch"},
     ("", "configmaps"): {"get", "create"},
     ("argoproj.io", "workflows"): {"get", "create"},
-    ("kubeflow.org", "pytorchjobs"): {"get"},
+    ("kubeflow.org", "pytorchjobs"): {"get"},  # the default launcher's kind
     ("serving.kserve.io", "inferenceservices"): {"get", "create"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
@@ -150,6 +157,14 @@ CLUSTER_PEERING_GRANTS = {
 WORKFLOW_GRANTS = {
     ("argoproj.io", "workflowtaskresults"): {"create", "patch"},
     ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch"},
+}
+# What each launcher's kind adds: the workflow creates and follows it, the operator reads it.
+LAUNCHER_GRANTS = {
+    "pytorchjob": ({("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch"}},
+                   {("kubeflow.org", "pytorchjobs"): {"get"}}),
+    "trainjob": ({("trainer.kubeflow.org", "trainingruntimes"): {"create", "get"},
+                  ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch"}},
+                 {("trainer.kubeflow.org", "trainjobs"): {"get"}}),
 }
 
 
@@ -247,6 +262,35 @@ def test_workflow_service_account_may_only_run_the_training_step(combination: st
         assert [grants(r, skip_secrets=False) for r in roles] == [WORKFLOW_GRANTS]
 
 
+@pytest.mark.parametrize(("combination", "launchers"), [("default", ["pytorchjob"]), ("trainer-v2", ["trainjob"]),
+                                                        ("both-launchers", ["pytorchjob", "trainjob"])])
+def test_rbac_covers_exactly_the_training_kinds_in_use(combination: str, launchers: list[str]) -> None:
+    docs = render(COMBINATIONS[combination])
+    base_workflow = {k: v for k, v in WORKFLOW_GRANTS.items() if k[0] != "kubeflow.org"}
+    base_operator = {k: v for k, v in OPERATOR_NAMESPACED_GRANTS.items() if k[0] != "kubeflow.org"}
+    workflow, operator = dict(base_workflow), dict(base_operator)
+    for launcher in launchers:
+        workflow |= LAUNCHER_GRANTS[launcher][0]
+        operator |= LAUNCHER_GRANTS[launcher][1]
+    template = one(docs, "WorkflowTemplate")
+    roles = roles_bound_to(docs, account=template["spec"]["serviceAccountName"], namespace=NAMESPACE)
+    assert [grants(r, skip_secrets=False) for r in roles] == [workflow]
+    (cluster,) = [r for r in roles_bound_to(docs, account=operator_account(docs), namespace=NAMESPACE)
+                  if r["kind"] == "ClusterRole"]
+    assert grants(cluster) == operator | KOPF_CLUSTER_GRANTS | CLUSTER_PEERING_GRANTS
+    # The operator and the WorkflowTemplate default to the first kind; the others are allowed.
+    env = env_of(operator_container(docs))
+    assert env["TESSERA_LAUNCHER"] == launchers[0]
+    assert env["TESSERA_OTHER_LAUNCHERS"] == ",".join(launchers[1:])
+    defaults = {p["name"]: p["value"] for p in template["spec"]["arguments"]["parameters"]}
+    assert defaults["launcher"] == launchers[0]
+
+
+def test_a_launcher_the_chart_does_not_know_is_refused() -> None:
+    result = lint({"training.launcher": "mpijob"})
+    assert result.returncode != 0 and "training.launcher" in result.stdout + result.stderr
+
+
 def operator_account(docs: list[dict[str, Any]]) -> str:
     return deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"]
 
@@ -266,9 +310,12 @@ def pod_specs(docs: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], lis
     for doc in of_kind(docs, "WorkflowTemplate"):
         steps = [t["container"] for t in doc["spec"]["templates"] if "container" in t]
         specs[name_of(doc)] = (doc["spec"].get("securityContext", {}), steps)
-        for role, replica in substituted_pytorchjob(doc)["spec"]["pytorchReplicaSpecs"].items():
+        for role, replica in substituted(doc)["spec"]["pytorchReplicaSpecs"].items():
             pod = replica["template"]["spec"]
             specs[f"{role} of {name_of(doc)}"] = (pod.get("securityContext", {}), pod["containers"])
+        runtime = substituted(doc, "trainingruntime")["spec"]["template"]["spec"]["replicatedJobs"][0]
+        pod = runtime["template"]["spec"]["template"]["spec"]
+        specs[f"TrainingRuntime of {name_of(doc)}"] = (pod.get("securityContext", {}), pod["containers"])
     return specs
 
 
@@ -386,9 +433,10 @@ def test_gpu_resource_name_reaches_runtime_operator_and_workflow() -> None:
     template = one(docs, "WorkflowTemplate")
     defaults = {p["name"]: p["value"] for p in template["spec"]["arguments"]["parameters"]}
     assert defaults["gpu-resource"] == "amd.com/gpu"
-    limits = substituted_pytorchjob(template)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+    limits = substituted(template)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
         "containers"][0]["resources"]["limits"]
     assert set(limits) == {"amd.com/gpu"}
+    assert set(substituted(template, "trainjob")["spec"]["trainer"]["resourcesPerNode"]["limits"]) == {"amd.com/gpu"}
 
 
 def test_cpu_only_serving_requests_no_gpu() -> None:
@@ -518,7 +566,7 @@ def test_chart_workflow_template_is_the_pipeline_code_plus_installation_settings
         expected["metadata"]["labels"]
     expected["spec"]["serviceAccountName"] = "tessera-pipeline"
     installation = {"image": env_of(operator_container(render()))["TESSERA_TRAINER_IMAGE"],
-                    "store-secret": DEFAULT_SECRET, "gpu-resource": "nvidia.com/gpu"}
+                    "store-secret": DEFAULT_SECRET, "gpu-resource": "nvidia.com/gpu", "launcher": "pytorchjob"}
     for parameter in expected["spec"]["arguments"]["parameters"]:
         parameter["value"] = installation.get(parameter["name"], parameter["value"])
     assert rendered == expected

@@ -97,28 +97,36 @@ def to_json_schema(node: Any, strict: bool = True) -> Any:
 
 
 @functools.cache
-def _crd_schemas() -> dict[tuple[str, str, str], dict]:
-    """(group, version, kind) → JSON Schema, for every served version of every CRD found."""
+def _file_schemas(path: Path) -> dict[tuple[str, str, str], dict]:
+    """(group, version, kind) → JSON Schema, for every served version of every CRD in `path`."""
     schemas: dict[tuple[str, str, str], dict] = {}
-    for folder in CRD_DIRS:
-        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
-            with path.open() as stream:
-                for doc in yaml.load_all(stream, Loader=_Loader):
-                    if not doc or doc.get("kind") != "CustomResourceDefinition":
-                        continue
-                    spec = doc["spec"]
-                    for version in spec["versions"]:
-                        if not version.get("served", True):
-                            continue
-                        raw = version["schema"]["openAPIV3Schema"]
-                        key = (spec["group"], version["name"], spec["names"]["kind"])
-                        schemas[key] = to_json_schema(raw)
+    with path.open() as stream:
+        for doc in yaml.load_all(stream, Loader=_Loader):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = doc["spec"]
+            for version in spec["versions"]:
+                if not version.get("served", True):
+                    continue
+                raw = version["schema"]["openAPIV3Schema"]
+                schemas[(spec["group"], version["name"], spec["names"]["kind"])] = to_json_schema(raw)
     return schemas
 
 
 @functools.cache
-def _validator(group: str, version: str, kind: str) -> Any:
-    return _KubeValidator(_crd_schemas()[(group, version, kind)])
+def _crd_schemas() -> dict[tuple[str, str, str], dict]:
+    """(group, version, kind) → JSON Schema, for every CRD in the folders of CRD_DIRS."""
+    schemas: dict[tuple[str, str, str], dict] = {}
+    for folder in CRD_DIRS:
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+            schemas |= _file_schemas(path)
+    return schemas
+
+
+@functools.cache
+def _validator(group: str, version: str, kind: str, crd_file: Path | None = None) -> Any:
+    schemas = _file_schemas(crd_file) if crd_file else _crd_schemas()
+    return _KubeValidator(schemas[(group, version, kind)])
 
 
 def known_kinds() -> set[tuple[str, str, str]]:
@@ -151,15 +159,17 @@ def _path(error: jsonschema.ValidationError) -> str:
     return out or "<root>"
 
 
-def validate_against_crd(obj: dict) -> list[str]:
+def validate_against_crd(obj: dict, crd_file: Path | None = None) -> list[str]:
     """Every way `obj` breaks its kind's CRD schema, as `path: message` lines (empty = valid).
 
+    `crd_file` picks one CRD file (another release of the kind) instead of the folders above.
     Raises KeyError when no CRD for the object's apiVersion/kind is known: a test that meant to
     validate must not pass by validating nothing.
     """
     group, _, version = obj.get("apiVersion", "").rpartition("/")
     kind = obj.get("kind", "")
-    validator = _validator(group, version, kind) if (group, version, kind) in _crd_schemas() else None
+    known = _file_schemas(crd_file) if crd_file else _crd_schemas()
+    validator = _validator(group, version, kind, crd_file) if (group, version, kind) in known else None
     if validator is None:
         raise KeyError(f"no CRD known for apiVersion={obj.get('apiVersion')!r} kind={kind!r}")
     problems = [f"{_path(e)}: {e.message}" for e in validator.iter_errors(obj)]

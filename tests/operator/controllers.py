@@ -17,10 +17,24 @@ What stands in for what:
   the manifest (owned by the Workflow when `setOwnerReference`) and waiting for its success or
   failure condition (label-selector syntax over JSON paths, as Argo evaluates them). It records
   nodes, phases and messages in `status` as Argo does. Retries (retryStrategy) are not played.
+  Steps templates nest (a step whose template has steps is a Steps node) and a step's `when`
+  (`a == b`, `a != b` after substitution) skips it when false, as Argo records it.
 - `TrainingOperatorController` is the Training Operator for PyTorchJobs: it runs the Master and
   every Worker replica's `pytorch` container with the variables the operator sets (MASTER_ADDR,
   MASTER_PORT, WORLD_SIZE, RANK and the PET_* ones torchrun reads), on 127.0.0.1, and sets the
-  Created/Running/Succeeded/Failed conditions and `replicaStatuses` counters.
+  Created/Running/Restarting/Succeeded/Failed conditions, `replicaStatuses` and `completionTime`.
+- `TrainerController` is Kubeflow Trainer v2 (with JobSet and the Job controller) for TrainJobs
+  on a namespaced TrainingRuntime of the torch runtime's shape: it runs `numNodes` copies of the
+  runtime's `node` container with the TrainJob's `trainer` overrides (image, command, args, env,
+  resourcesPerNode), the PET_* variables the torch plugin sets, and what the TrainJobStatus plugin
+  gives the trainer: `KUBEFLOW_TRAINER_SERVER_URL` of a real HTTPS status server
+  (trainer_status_server.py, whose accepted reports become `status.trainerStatus`), the CA file
+  and a token file for this TrainJob. It sets `jobsStatus` (one entry, `node`) and the
+  Complete/Failed conditions copied from the JobSet's.
+- Both training controllers restart failed pods as `restartPolicy: OnFailure` does, the whole
+  group at once (torchrun needs every node back), within the PyTorchJob's `runPolicy.backoffLimit`
+  or the `node` Job's `backoffLimit`; `kill_master`/`kill_node` SIGKILL rank 0, as a preemption or a
+  lost node would.
 - `KServeController` is KServe with Tessera's ServingRuntime: for an InferenceService it starts
   `tessera serve --model <storageUri>` per replica on a free 127.0.0.1 port, registers a Pod
   (label `serving.kserve.io/inferenceservice`, container `kserve-container` declaring that port,
@@ -43,9 +57,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 
 from tests.operator.emulator import ApiError, ApiServer, Kind, _now
+from tests.operator.trainer_status_server import TrainerStatusServer
 
 TERMINATION_LOG_LINES = 80
 TERMINATION_LOG_BYTES = 2048
@@ -78,7 +94,13 @@ class PodProcess:
         return await self.process.wait()
 
     def kill(self) -> None:
+        """SIGKILL every process of the pod, as the container runtime does: also the ones that left
+        its process group (torchrun starts its workers in sessions of their own)."""
         if self.process.returncode is None:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(self.process.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
 
@@ -195,23 +217,35 @@ def _json_substitute(obj: Any, values: dict[str, str]) -> Any:
 
 
 def _lookup(obj: Any, path: str) -> Any:
+    """A gjson path as Argo resolves it: `.`-separated keys, a number indexes a list."""
     for part in path.split("."):
-        if not isinstance(obj, dict):
+        if isinstance(obj, list) and part.isdigit():
+            obj = obj[int(part)] if int(part) < len(obj) else None
+        elif isinstance(obj, dict):
+            obj = obj.get(part)
+        else:
             return None
-        obj = obj.get(part)
     return obj
 
 
 def condition_holds(condition: str, obj: dict[str, Any]) -> bool:
-    """An Argo resource success/failure condition: comma-separated `path op value` requirements."""
+    """An Argo resource success/failure condition: a label selector whose keys are gjson paths.
+
+    Comma-separated requirements, all of which must hold: `path op value`, or a bare `path` that
+    must exist. As in Kubernetes' label selectors, `!=` also holds when the path is missing.
+    """
     for requirement in condition.split(","):
-        match = re.match(r"\s*([\w.-]+)\s*(==|!=|=|>|<|\s+in\s+)\s*(.*?)\s*$", requirement)
+        match = re.match(r"\s*([\w.-]+)\s*(?:(==|!=|=|>|<|\s+in\s+)\s*(.*?))?\s*$", requirement)
         if not match:
             raise ValueError(f"cannot parse condition {requirement!r}")
-        path, op, expected = match.group(1), match.group(2).strip(), match.group(3)
+        path, op, expected = match.group(1), (match.group(2) or "").strip(), match.group(3) or ""
         actual = _lookup(obj, path)
         if actual is None:
+            if op == "!=":
+                continue
             return False
+        if not op:
+            continue
         if op in (">", "<"):
             try:
                 ok = float(actual) > float(expected) if op == ">" else float(actual) < float(expected)
@@ -312,27 +346,12 @@ class ArgoController(Controller):
         nodes[name] = {"id": name, "name": name, "displayName": name, "type": "Steps", "phase": "Running",
                        "templateName": tspec["entrypoint"], "startedAt": _now(), "children": []}
         await update(phase="Running", startedAt=_now())
-        for index, group in enumerate(templates[tspec["entrypoint"]]["steps"]):
-            for step in group:  # parallel steps of a group run one after the other here
-                step_args = {p["name"]: p.get("value", "") for p in step.get("arguments", {}).get("parameters", [])}
-                step_args = {k: substitute(v, globals_) for k, v in step_args.items()}
-                tmpl = templates[step["template"]]
-                inputs = {p["name"]: p.get("default", p.get("value", ""))
-                          for p in tmpl.get("inputs", {}).get("parameters", [])} | step_args
-                values = globals_ | {f"inputs.parameters.{k}": v for k, v in inputs.items()}
-                node_id = f"{name}-{abs(hash((name, index, step['name']))) % 10**10}"
-                nodes[name]["children"].append(node_id)
-                nodes[node_id] = {"id": node_id, "name": f"{name}[{index}].{step['name']}",
-                                  "displayName": step["name"], "type": "Pod", "phase": "Running",
-                                  "templateName": step["template"], "boundaryID": name, "startedAt": _now()}
-                await update()
-                phase, message = await self._run_template(wf, tmpl, values, pod_spec, node_id)
-                nodes[node_id].update(phase=phase, finishedAt=_now(), **({"message": message} if message else {}))
-                if phase != "Succeeded":
-                    nodes[name].update(phase="Failed", finishedAt=_now())
-                    await update(phase="Failed", finishedAt=_now(), message=f"child '{node_id}' failed")
-                    return
-        nodes[name].update(phase="Succeeded", finishedAt=_now())
+        run = _StepsRun(self, wf, templates, globals_, pod_spec, nodes, update)
+        phase, failed_child = await run.steps(templates[tspec["entrypoint"]], name)
+        nodes[name].update(phase=phase, finishedAt=_now())
+        if phase != "Succeeded":
+            await update(phase="Failed", finishedAt=_now(), message=f"child '{failed_child}' failed")
+            return
         await update(phase="Succeeded", finishedAt=_now())
 
     async def _run_template(self, wf: dict[str, Any], tmpl: dict[str, Any], values: dict[str, str],
@@ -372,6 +391,8 @@ class ArgoController(Controller):
         except ApiError as error:
             return "Failed", error.message
         name = created["metadata"]["name"]
+        if not resource.get("successCondition") and not resource.get("failureCondition"):
+            return "Succeeded", ""  # Argo: a created object with no condition to wait for is done
         since = int(created["metadata"]["resourceVersion"])
         current: dict[str, Any] | None = created
         while True:
@@ -389,9 +410,100 @@ class ArgoController(Controller):
                     break
 
 
+@dataclass
+class _StepsRun:
+    """One Workflow's steps templates, run as Argo runs them: groups in order, `when` evaluated after
+    substitution (a false one is Skipped), a steps template inside a step as a nested Steps node."""
+
+    argo: ArgoController
+    wf: dict[str, Any]
+    templates: dict[str, dict[str, Any]]
+    globals_: dict[str, str]
+    pod_spec: dict[str, Any]
+    nodes: dict[str, dict[str, Any]]
+    update: Any
+
+    async def steps(self, template: dict[str, Any], parent: str) -> tuple[str, str]:
+        """Run `template`'s step groups under the node `parent`: (phase, the failed child's id)."""
+        for index, group in enumerate(template["steps"]):
+            for step in group:  # parallel steps of a group run one after the other here
+                node_id = f"{parent}-{abs(hash((parent, index, step['name']))) % 10**10}"
+                self.nodes[parent].setdefault("children", []).append(node_id)
+                node = {"id": node_id, "name": f"{self.nodes[parent]['name']}[{index}].{step['name']}",
+                        "displayName": step["name"], "type": "Pod", "phase": "Running",
+                        "templateName": step["template"], "boundaryID": parent, "startedAt": _now()}
+                self.nodes[node_id] = node
+                when = substitute(step.get("when", ""), self.globals_)
+                if when and not _when_holds(when):
+                    node.update(type="Skipped", phase="Skipped", finishedAt=_now(),
+                                message=f"when '{when}' evaluated false")
+                    await self.update()
+                    continue
+                await self.update()
+                phase, message = await self.step(step, node_id)
+                node.update(phase=phase, finishedAt=_now(), **({"message": message} if message else {}))
+                if phase != "Succeeded":
+                    await self.update()
+                    return "Failed", node_id
+        return "Succeeded", ""
+
+    async def step(self, step: dict[str, Any], node_id: str) -> tuple[str, str]:
+        tmpl = self.templates[step["template"]]
+        if "steps" in tmpl:
+            self.nodes[node_id]["type"] = "Steps"
+            phase, failed = await self.steps(tmpl, node_id)
+            return phase, f"child '{failed}' failed" if failed else ""
+        step_args = {p["name"]: p.get("value", "") for p in step.get("arguments", {}).get("parameters", [])}
+        step_args = {k: substitute(v, self.globals_) for k, v in step_args.items()}
+        inputs = {p["name"]: p.get("default", p.get("value", ""))
+                  for p in tmpl.get("inputs", {}).get("parameters", [])} | step_args
+        values = self.globals_ | {f"inputs.parameters.{k}": v for k, v in inputs.items()}
+        return await self.argo._run_template(self.wf, tmpl, values, self.pod_spec, node_id)
+
+
+def _when_holds(expression: str) -> bool:
+    """Argo's `when`, for the `a == b` / `a != b` comparisons of words that the templates here use."""
+    match = re.fullmatch(r"\s*(\S+)\s*(==|!=)\s*(\S+)\s*", expression)
+    if not match:
+        raise ValueError(f"cannot evaluate when {expression!r}")
+    left, op, right = (part.strip("'\"") for part in match.groups())
+    return (left == right) == (op == "==")
+
+
+async def run_group(start: Any, backoff_limit: int, on_restart: Any,
+                    running: list[PodProcess]) -> tuple[int, PodProcess | None, int]:
+    """Run a group of training pods until rank 0 exits, restarting the whole group after a failure
+    (`restartPolicy: OnFailure`: torchrun's rendezvous needs every node back) while the restarts
+    stay within `backoff_limit`. `start(attempt)` starts the pods; `running` always holds the
+    current ones (so a test can kill one). Returns (rank 0's exit code, rank 0, restarts made)."""
+    restarts = 0
+    while True:
+        running[:] = []
+        try:
+            running.extend(await start(restarts))
+            code = await running[0].wait()
+        finally:
+            for process in running:
+                process.kill()
+        if code == 0 or restarts >= backoff_limit:
+            return code, running[0], restarts
+        restarts += 1
+        await on_restart(restarts, running[0])
+
+
+def _condition(type_: str, reason: str, message: str, status: str = "True") -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": _now()}
+
+
+def _last_line(process: PodProcess | None) -> str:
+    tail = process.termination_message().splitlines() if process is not None else []
+    return f" Last log line: {tail[-1]}" if tail else ""
+
+
 class TrainingOperatorController(Controller):
     def __init__(self, server: ApiServer, pods: LocalPods) -> None:
         super().__init__(server, pods, server.kind_of("kubeflow.org/v1", "PyTorchJob"))
+        self.running: dict[str, list[PodProcess]] = {}
 
     async def reconcile(self, job: dict[str, Any]) -> None:
         meta, spec = job["metadata"], job["spec"]
@@ -401,50 +513,169 @@ class TrainingOperatorController(Controller):
             replica_spec = spec["pytorchReplicaSpecs"].get(replica_type)
             for index in range(int((replica_spec or {}).get("replicas", 0))):
                 replicas.append((replica_type, index, replica_spec["template"]))
-        world, port = len(replicas), free_port()
-        conditions = [{"type": "Created", "status": "True", "reason": "PyTorchJobCreated",
-                       "message": f"PyTorchJob {name} is created.", "lastTransitionTime": _now()}]
+        world = len(replicas)
+        conditions = [_condition("Created", "PyTorchJobCreated", f"PyTorchJob {name} is created.")]
         await self.patch_status(job, {"startTime": _now(), "conditions": conditions})
-        processes = []
-        try:
+        counts = {t: {"active": sum(1 for r in replicas if r[0] == t)} for t in {r[0] for r in replicas}}
+
+        async def start(attempt: int) -> list[PodProcess]:
+            port, processes = free_port(), []
             for rank, (replica_type, index, template) in enumerate(replicas):
                 container = next(c for c in template["spec"]["containers"] if c["name"] == "pytorch")
                 env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
                        "RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
                        "PET_NNODES": str(world), "PET_NODE_RANK": str(rank),
                        "PET_NPROC_PER_NODE": str(spec.get("nprocPerNode", "1"))}
-                pod_name = f"{name}-{replica_type.lower()}-{index}"
-                try:
-                    processes.append(await self.pods.start(pod_name, namespace, template["spec"], container, env))
-                except PodStartError as error:
-                    conditions.append({"type": "Failed", "status": "True", "reason": "PyTorchJobFailed",
-                                       "message": f"{pod_name}: {error}", "lastTransitionTime": _now()})
-                    failed = {replica_type: {"failed": 1}}
-                    await self.patch_status(job, {"conditions": conditions, "replicaStatuses": failed})
-                    return
-            counts = {t: {"active": sum(1 for r in replicas if r[0] == t)} for t in {r[0] for r in replicas}}
-            conditions.append({"type": "Running", "status": "True", "reason": "PyTorchJobRunning",
-                               "message": f"PyTorchJob {name} is running.", "lastTransitionTime": _now()})
+                processes.append(await self.pods.start(f"{name}-{replica_type.lower()}-{index}", namespace,
+                                                       template["spec"], container, env))
+            if attempt == 0:
+                conditions.append(_condition("Running", "PyTorchJobRunning", f"PyTorchJob {name} is running."))
             await self.patch_status(job, {"conditions": conditions, "replicaStatuses": counts})
-            code = await processes[0].wait()
-        finally:
-            for process in processes:
-                process.kill()
+            return processes
+
+        async def restarting(restarts: int, master: PodProcess) -> None:
+            # The Training Operator's Restarting condition; the container's restartCount counts against
+            # runPolicy.backoffLimit.
+            conditions.append(_condition("Restarting", "PyTorchJobRestarting",
+                                         f"PyTorchJob {name} is restarting because 1 Master replica(s) failed."))
+            await self.patch_status(job, {"conditions": conditions})
+
+        limit = int(spec.get("runPolicy", {}).get("backoffLimit", 0))
+        running = self.running.setdefault(f"{namespace}/{name}", [])
+        try:
+            code, master, restarts = await run_group(start, limit, restarting, running)
+        except PodStartError as error:
+            conditions.append(_condition("Failed", "PyTorchJobFailed", f"{name}-master-0: {error}"))
+            await self.patch_status(job, {"conditions": conditions, "replicaStatuses": {"Master": {"failed": 1}},
+                                          "completionTime": _now()})
+            return
         outcome = "succeeded" if code == 0 else "failed"
         counts["Master"] = {"active": 0, outcome: 1}
-        conditions[-1] = {**conditions[-1], "status": "False", "lastTransitionTime": _now()}
+        conditions[:] = [{**c, "status": "False"} if c["type"] in ("Running", "Restarting") else c for c in conditions]
         if code == 0:
-            conditions.append({"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded",
-                               "message": f"PyTorchJob {name} is successfully completed.",
-                               "lastTransitionTime": _now()})
+            conditions.append(_condition("Succeeded", "PyTorchJobSucceeded",
+                                         f"PyTorchJob {name} is successfully completed."))
         else:
-            tail = processes[0].termination_message().splitlines()
-            conditions.append({"type": "Failed", "status": "True", "reason": "PyTorchJobFailed",
-                               "message": f"PyTorchJob {namespace}/{name} is failed because 1 Master replica(s) "
-                                          f"failed." + (f" Last log line: {tail[-1]}" if tail else ""),
-                               "lastTransitionTime": _now()})
-        await self.patch_status(job, {"conditions": conditions, "replicaStatuses": counts,
-                                      "completionTime": _now()})
+            conditions.append(_condition("Failed", "PyTorchJobFailed",
+                                         f"Job {namespace}/{name} has failed because it has reached the specified "
+                                         f"backoff limit ({restarts} restart(s))." + _last_line(master)))
+        await self.patch_status(job, {"conditions": conditions, "replicaStatuses": counts, "completionTime": _now()})
+
+    def kill_master(self, namespace: str, name: str) -> int:
+        """SIGKILL the Master's process, as when its node is lost; returns the killed pid."""
+        master = self.running[f"{namespace}/{name}"][0]
+        master.kill()
+        return master.process.pid
+
+
+TRAINER_TOKEN_VOLUME = "kubeflow-trainer-token"  # noqa: S105 (a volume name)
+
+
+class TrainerController(Controller):
+    """Kubeflow Trainer v2 for TrainJobs on the torch runtime (see the module docstring)."""
+
+    def __init__(self, server: ApiServer, pods: LocalPods, status_server: TrainerStatusServer) -> None:
+        super().__init__(server, pods, server.kind_of("trainer.kubeflow.org/v1alpha1", "TrainJob"))
+        self.runtimes = server.kind_of("trainer.kubeflow.org/v1alpha1", "TrainingRuntime")
+        self.status_server = status_server
+        self.running: dict[str, list[PodProcess]] = {}
+        self.loop = asyncio.get_running_loop()
+
+    started_field = "jobsStatus"
+
+    def _runtime(self, namespace: str, ref: dict[str, Any]) -> dict[str, Any] | None:
+        # Only namespaced TrainingRuntimes, the kind Tessera's workflow creates, are simulated.
+        if ref.get("kind", "ClusterTrainingRuntime") != "TrainingRuntime":
+            return None
+        return self.server.get(self.runtimes, namespace, ref["name"])
+
+    async def reconcile(self, job: dict[str, Any]) -> None:
+        meta, spec = job["metadata"], job["spec"]
+        namespace, name = meta["namespace"], meta["name"]
+        trainer = spec.get("trainer") or {}
+        jobs_status = {"name": "node", "active": 0, "ready": 0, "succeeded": 0, "failed": 0, "suspended": 0}
+
+        async def status(**fields: Any) -> None:
+            await self.patch_status(job, {"jobsStatus": [jobs_status], **fields})
+
+        runtime = self._runtime(namespace, spec["runtimeRef"])
+        if runtime is None:
+            await status(conditions=[_condition("Failed", "TrainingRuntimeNotSupported",
+                                                f"{spec['runtimeRef'].get('kind', 'ClusterTrainingRuntime')} "
+                                                f"{spec['runtimeRef']['name']} not found")])
+            return
+        policy = runtime["spec"].get("mlPolicy") or {}
+        replicated = next(r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == "node")
+        job_spec = replicated["template"]["spec"]
+        pod_spec = job_spec["template"]["spec"]
+        base = next(c for c in pod_spec["containers"] if c["name"] == "node")
+        # The TrainJob's trainer overrides the runtime's `node` container, as the torch plugin does.
+        container = {**base, **{k: trainer[k] for k in ("image", "command", "args") if k in trainer}}
+        if trainer.get("resourcesPerNode"):
+            container["resources"] = trainer["resourcesPerNode"]
+        container["env"] = [*[e for e in base.get("env", []) if e["name"] not in
+                              {t["name"] for t in trainer.get("env", [])}], *trainer.get("env", [])]
+        nodes = int(trainer.get("numNodes") or policy.get("numNodes") or 1)
+        nproc = trainer.get("numProcPerNode") or (policy.get("torch") or {}).get("numProcPerNode") or 1
+        # The TrainJobStatus plugin: a projected volume with a token for this TrainJob and the status
+        # server's CA, and the variables that point at them.
+        mount = "/var/run/secrets/kubeflow/trainer"
+        pod_spec = {**pod_spec, "volumes": [*pod_spec.get("volumes", []), {"name": TRAINER_TOKEN_VOLUME,
+                                                                            "projected": {"sources": []}}]}
+        container["volumeMounts"] = [*container.get("volumeMounts", []),
+                                     {"name": TRAINER_TOKEN_VOLUME, "mountPath": mount, "readOnly": True}]
+        progress_env = {"KUBEFLOW_TRAINER_SERVER_URL": self.status_server.url(namespace, name),
+                        "KUBEFLOW_TRAINER_SERVER_CA_CERT": f"{mount}/ca.crt",
+                        "KUBEFLOW_TRAINER_SERVER_TOKEN": f"{mount}/token"}
+        token = self.status_server.issue_token(namespace, name)
+
+        def project(pod_name: str) -> None:
+            volume = self.pods.root / namespace / pod_name / "volumes" / TRAINER_TOKEN_VOLUME
+            volume.mkdir(parents=True, exist_ok=True)
+            (volume / "token").write_text(token)
+            (volume / "ca.crt").write_bytes(self.status_server.ca_file.read_bytes())
+
+        async def start(attempt: int) -> list[PodProcess]:
+            port, processes = free_port(), []
+            for rank in range(nodes):
+                env = {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": str(rank),
+                       "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), **progress_env}
+                project(f"{name}-node-0-{rank}")
+                processes.append(await self.pods.start(f"{name}-node-0-{rank}", namespace, pod_spec, container, env))
+            jobs_status.update(active=1, ready=1)
+            await status()
+            return processes
+
+        async def restarting(restarts: int, _: PodProcess) -> None:
+            # The Job controller replaces the failed pod; the Job stays active within its backoffLimit.
+            await status()
+
+        running = self.running.setdefault(f"{namespace}/{name}", [])
+        try:
+            code, node, restarts = await run_group(start, int(job_spec.get("backoffLimit", 6)), restarting, running)
+        except PodStartError as error:
+            jobs_status["failed"] = 1
+            await status(conditions=[_condition("Failed", "FailedJobs", f"{name}-node-0-0: {error}")])
+            return
+        jobs_status.update(active=0, ready=0, **({"succeeded": 1} if code == 0 else {"failed": 1}))
+        if code == 0:
+            condition = _condition("Complete", "AllJobsCompleted", "jobset completed successfully")
+        else:
+            message = f"jobset failed due to one or more job failures: {name}-node-0 reached its backoffLimit"
+            condition = _condition("Failed", "FailedJobs", f"{message} ({restarts} restart(s))." + _last_line(node))
+        await status(conditions=[condition])
+
+    def apply_trainer_status(self, namespace: str, name: str, trainer_status: dict[str, Any]) -> None:
+        """What the status server does with an accepted report (from its thread)."""
+        asyncio.run_coroutine_threadsafe(self.server.patch(self.kind, namespace, name,
+                                                           {"status": {"trainerStatus": trainer_status}},
+                                                           subresource="status"), self.loop)
+
+    def kill_node(self, namespace: str, name: str) -> int:
+        """SIGKILL rank 0's process, as when its node is preempted; returns the killed pid."""
+        node = self.running[f"{namespace}/{name}"][0]
+        node.kill()
+        return node.process.pid
 
 
 @dataclass
@@ -554,34 +785,43 @@ class KServeController(Controller):
 
 @dataclass
 class Controllers:
-    """The three simulated controllers, running as tasks on the emulator's loop."""
+    """The simulated controllers, running as tasks on the emulator's loop."""
 
     argo: ArgoController
     training: TrainingOperatorController
+    trainer: TrainerController
     kserve: KServeController
     pods: LocalPods
+    status_server: TrainerStatusServer
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @classmethod
     async def start(cls, server: ApiServer, root: Path) -> Controllers:
         pods = LocalPods(server, root)
-        controllers = cls(ArgoController(server, pods), TrainingOperatorController(server, pods),
-                          KServeController(server, pods), pods)
+        status_server = TrainerStatusServer(root / "trainer-status-tls")
+        trainer = TrainerController(server, pods, status_server)
+        status_server.on_status = trainer.apply_trainer_status
+        status_server.start()
+        controllers = cls(ArgoController(server, pods), TrainingOperatorController(server, pods), trainer,
+                          KServeController(server, pods), pods, status_server)
         loop = asyncio.get_running_loop()
-        controllers.tasks = [loop.create_task(c.run()) for c in (controllers.argo, controllers.training,
-                                                                 controllers.kserve)]
+        controllers.tasks = [loop.create_task(c.run()) for c in controllers.all]
         return controllers
 
+    @property
+    def all(self) -> tuple[Controller, ...]:
+        return (self.argo, self.training, self.trainer, self.kserve)
+
     async def stop(self) -> None:
-        for controller in (self.argo, self.training, self.kserve):
+        for controller in self.all:
             for task in controller.tasks.values():
                 task.cancel()
         for task in self.tasks:
             task.cancel()
         self.pods.kill_all()
+        self.status_server.stop()
         await asyncio.sleep(0)
 
     @property
     def failures(self) -> list[str]:
-        return self.argo.failures + self.training.failures + self.kserve.failures
-
+        return [failure for controller in self.all for failure in controller.failures]

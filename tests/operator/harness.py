@@ -3,7 +3,7 @@
 `SimulatedCluster` = the API emulator (tests/operator/emulator.py) with Tessera's CRDs (generated
 by `tessera.api.crd`, as `tessera crds` prints them) and the vendored upstream ones registered,
 the `tessera-finetune` WorkflowTemplate from pipelines/workflowtemplate.yaml applied, optionally
-the simulated Argo, Training Operator and KServe controllers (tests/operator/controllers.py), and
+the simulated Argo, Training Operator, Trainer v2 and KServe controllers (tests/operator/controllers.py), and
 a kubeconfig for kubectl, kopf and the `kubernetes` client.
 
 `OperatorProcess` runs the real operator, `tessera operator`, as a subprocess against it.
@@ -27,7 +27,10 @@ from tests.operator.controllers import Controllers, pod_base_env
 from tests.operator.emulator import EmulatorThread, Kind
 
 REPO = Path(__file__).resolve().parents[2]
-UPSTREAM_CRDS = sorted((REPO / "tests" / "crds").glob("*.yaml"))
+# The vendored CRDs; the TrainJob of Trainer v2.3.0 (with status.trainerStatus, which the simulated
+# Trainer fills) replaces the older one vendored from ../shared/crds.
+UPSTREAM_CRDS = [*sorted((REPO / "tests" / "crds").glob("*.yaml")),
+                 *sorted((REPO / "tests" / "crds" / "trainer-v2.3.0").glob("*.yaml"))]
 WORKFLOW_TEMPLATE = REPO / "pipelines" / "workflowtemplate.yaml"
 SAMPLE_CSV = REPO / "examples" / "data" / "tfns-sample.csv"
 

@@ -7,6 +7,8 @@ fields are errors) and, where it becomes one, the generated Tessera CRD.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +24,10 @@ from tessera_operator.builders import (
     build_workflow,
     effective_job,
     owner_reference,
-    preview_pytorchjob,
-    pytorchjob_name,
+    preview_training_objects,
     render_objects,
     submitted_generation,
+    training_job_name,
     workflow_name,
 )
 from tessera_operator.config import OperatorConfig
@@ -41,11 +43,23 @@ from tessera_operator.serving import (
 )
 from tessera_operator.status import Observation, derive_status, merge_conditions, promotion
 from tessera_pipelines import PARAMETERS, build_workflow_template, render_yaml
+from tessera_pipelines.finetune import CONDITIONS
 
 from tests.crds.schemas import validate_against_crd
+from tests.operator.controllers import condition_holds
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = OperatorConfig()
+BOTH = OperatorConfig(launcher="pytorchjob", other_launchers="trainjob")
+# The TrainJob CRD of Kubeflow Trainer v2.3.0 (with status.trainerStatus), beside the older one
+# vendored from ../shared/crds: a TrainJob Tessera builds must be valid for both.
+TRAINJOB_CRD_V2_3 = REPO / "tests" / "crds" / "trainer-v2.3.0" / "trainer.kubeflow.org_trainjobs.yaml"
+
+
+def pytorchjob_of(job, config=CONFIG) -> dict:
+    [pytorchjob] = preview_training_objects(build_workflow(job, config))
+    assert pytorchjob["kind"] == "PyTorchJob"
+    return pytorchjob
 
 
 def job_manifest(**spec_overrides: object) -> dict:
@@ -86,10 +100,19 @@ def test_workflow_template_is_valid_and_runs_the_four_steps_in_order():
     assert step["container"]["args"] == ["{{inputs.parameters.step}}", "-f", "/config/job.yaml"]
     assert step["container"]["securityContext"]["allowPrivilegeEscalation"] is False
     assert template["spec"]["securityContext"]["runAsNonRoot"] is True
-    train = next(t for t in template["spec"]["templates"] if t["name"] == "train")["resource"]
-    assert train["action"] == "create" and train["setOwnerReference"] is True
-    assert train["successCondition"] == "status.replicaStatuses.Master.succeeded > 0"
-    assert train["failureCondition"] == "status.replicaStatuses.Master.failed > 0"
+    templates = {t["name"]: t for t in template["spec"]["templates"]}
+    # The train step creates the launcher's kind: steps chosen by `when` on the launcher parameter.
+    train = [step for group in templates["train"]["steps"] for step in group]
+    assert {s["name"]: s["when"] for s in train} == {
+        "trainingruntime": "{{workflow.parameters.launcher}} == trainjob",
+        "pytorchjob": "{{workflow.parameters.launcher}} == pytorchjob",
+        "trainjob": "{{workflow.parameters.launcher}} == trainjob",
+    }
+    for kind in ("pytorchjob", "trainjob"):
+        resource = templates[kind]["resource"]
+        assert resource["action"] == "create" and resource["setOwnerReference"] is True
+        assert (resource["successCondition"], resource["failureCondition"]) == CONDITIONS[kind]
+    assert templates["trainingruntime"]["resource"]["setOwnerReference"] is True
 
 
 def test_committed_workflow_template_yaml_is_in_sync_with_the_code():
@@ -113,9 +136,9 @@ def test_workflow_references_the_template_with_every_parameter_and_is_owned_by_t
 
 
 def test_pytorchjob_created_by_the_train_step_matches_the_job(job):
-    pytorchjob = preview_pytorchjob(build_workflow(job, CONFIG))
+    pytorchjob = pytorchjob_of(job)
     assert validate_against_crd(pytorchjob) == []
-    assert pytorchjob["metadata"]["name"] == pytorchjob_name("fpb-sentiment")
+    assert pytorchjob["metadata"]["name"] == training_job_name("fpb-sentiment")
     replicas = pytorchjob["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2  # 3 workers in all
     assert pytorchjob["spec"]["nprocPerNode"] == "4"
@@ -133,9 +156,101 @@ def test_pytorchjob_created_by_the_train_step_matches_the_job(job):
     assert {"name": "job-config", "configMap": {"name": "ftj-fpb-sentiment"}} in pod["volumes"]
 
 
+def test_trainjob_runs_the_same_pod_as_the_pytorchjob_on_its_own_runtime():
+    """Launcher `trainjob`: a TrainingRuntime (Tessera's pod) and a TrainJob on it, valid for the
+    TrainJob CRD vendored from ../shared/crds and for Trainer v2.3.0's."""
+    job = effective_job(job_manifest(distribution={"launcher": "trainjob", "workers": 3, "gpusPerWorker": 4}), BOTH)
+    runtime, trainjob = preview_training_objects(build_workflow(job, BOTH))
+    assert [runtime["kind"], trainjob["kind"]] == ["TrainingRuntime", "TrainJob"]
+    assert validate_against_crd(runtime) == []
+    assert validate_against_crd(trainjob) == []
+    assert validate_against_crd(trainjob, TRAINJOB_CRD_V2_3) == []
+    name = training_job_name("fpb-sentiment")
+    assert trainjob["metadata"]["name"] == runtime["metadata"]["name"] == name
+    assert trainjob["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                              "name": name}
+    trainer = trainjob["spec"]["trainer"]
+    assert trainer["numNodes"] == 3 and trainer["numProcPerNode"] == 4
+    assert trainer["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": "4"}}
+    # The torch runtime's shape: one replicated job `node`, its container `node`, the trainer step.
+    [replicated] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"
+    assert replicated["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    pod = replicated["template"]["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    assert container["name"] == "node"
+    assert (trainer["image"], trainer["command"]) == (container["image"], container["command"])
+    # Same command, image, resources, placement, credentials and non-root settings as the PyTorchJob.
+    pytorch_pod = pytorchjob_of(effective_job(job_manifest(), BOTH), BOTH)["spec"]["pytorchReplicaSpecs"]["Worker"][
+        "template"]
+    assert pod["spec"]["containers"][0] | {"name": "pytorch"} == pytorch_pod["spec"]["containers"][0]
+    assert {k: v for k, v in pod["spec"].items() if k != "containers"} == \
+        {k: v for k, v in pytorch_pod["spec"].items() if k != "containers"}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("launcher", ["pytorchjob", "trainjob"])
+def test_training_pods_restart_a_bounded_number_of_times(launcher):
+    job = effective_job(job_manifest(distribution={"launcher": launcher, "workers": 3, "maxRestarts": 2}), BOTH)
+    objects = preview_training_objects(build_workflow(job, BOTH))
+    if launcher == "pytorchjob":
+        [pytorchjob] = objects
+        limit = pytorchjob["spec"]["runPolicy"]["backoffLimit"]
+        policies = {r["restartPolicy"] for r in pytorchjob["spec"]["pytorchReplicaSpecs"].values()}
+    else:
+        replicated = objects[0]["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+        limit, policies = replicated["backoffLimit"], {replicated["template"]["spec"]["restartPolicy"]}
+    assert limit == 6  # 2 restarts of all 3 workers
+    assert policies == {"OnFailure"}
+    assert effective_job(job_manifest(), CONFIG).spec.distribution.max_restarts == 3  # the default
+
+
+def test_launcher_defaults_to_the_installations_and_must_be_enabled():
+    assert effective_job(job_manifest(), CONFIG).spec.distribution.launcher == "pytorchjob"
+    assert effective_job(job_manifest(), OperatorConfig(launcher="trainjob")).spec.distribution.launcher == "trainjob"
+    with pytest.raises(InvalidSpecError) as refused:
+        effective_job(job_manifest(distribution={"launcher": "trainjob"}), CONFIG)
+    assert "spec.distribution.launcher: trainjob is not enabled" in str(refused.value.problems)
+    with pytest.raises(InvalidSpecError):
+        effective_job(job_manifest(distribution={"launcher": "mpijob"}), BOTH)
+
+
+# Statuses each kind's controller writes (shapes from the Training Operator v1.9 and Trainer v2.3 sources).
+PYTORCHJOB_STATUSES = {
+    "running": ({"replicaStatuses": {"Master": {"active": 1}}}, None),
+    # A failed pod being replaced: the counter is briefly 1, the job goes on.
+    "restarting": ({"replicaStatuses": {"Master": {"failed": 1}}, "conditions": [{"type": "Restarting"}]}, None),
+    "succeeded": ({"replicaStatuses": {"Master": {"succeeded": 1}}, "completionTime": "t"}, "success"),
+    "failed": ({"replicaStatuses": {"Master": {"active": 0}}, "completionTime": "t"}, "failure"),
+}
+TRAINJOB_STATUSES = {
+    "running": ({"jobsStatus": [{"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0,
+                                 "suspended": 0}]}, None),
+    "succeeded": ({"jobsStatus": [{"name": "node", "active": 0, "ready": 0, "succeeded": 1, "failed": 0,
+                                   "suspended": 0}], "conditions": [{"type": "Complete", "status": "True"}]},
+                  "success"),
+    "failed": ({"jobsStatus": [{"name": "node", "active": 0, "ready": 0, "succeeded": 0, "failed": 1,
+                                "suspended": 0}], "conditions": [{"type": "Failed", "status": "True"}]}, "failure"),
+}
+
+
+@pytest.mark.parametrize(("kind", "state"), [("pytorchjob", s) for s in PYTORCHJOB_STATUSES] +
+                         [("trainjob", s) for s in TRAINJOB_STATUSES])
+def test_argo_reads_success_and_failure_from_each_kinds_own_status(kind, state):
+    """The train step's conditions, evaluated as Argo does (label selectors over gjson paths)."""
+    status, expected = (PYTORCHJOB_STATUSES if kind == "pytorchjob" else TRAINJOB_STATUSES)[state]
+    success, failure = CONDITIONS[kind]
+    for requirement in (success + "," + failure).split(","):
+        key = requirement.split()[0]
+        assert re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", key), f"{key}: not a label key"
+    obj = {"status": status}
+    outcome = "failure" if condition_holds(failure, obj) else "success" if condition_holds(success, obj) else None
+    assert outcome == expected
+
+
 def test_single_cpu_worker_gets_no_worker_replicas_and_no_gpu():
     job = effective_job(job_manifest(distribution={"workers": 1, "gpusPerWorker": 0}, scheduling={}), CONFIG)
-    pytorchjob = preview_pytorchjob(build_workflow(job, CONFIG))
+    pytorchjob = pytorchjob_of(job)
     assert validate_against_crd(pytorchjob) == []
     assert pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 0
     assert pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
@@ -153,7 +268,7 @@ def test_gpu_evaluation_lands_on_the_gpu_pool(job):
 
 def test_installation_gpu_resource_and_image_reach_the_pods(job):
     config = OperatorConfig(gpu_resource="amd.com/gpu", trainer_image="registry.bank.internal/tessera-trainer:1")
-    pytorchjob = preview_pytorchjob(build_workflow(job, config))
+    pytorchjob = pytorchjob_of(job, config)
     container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"] == {"amd.com/gpu": "4"}
     assert container["image"] == "registry.bank.internal/tessera-trainer:1"
@@ -228,6 +343,12 @@ def test_render_command_prints_yaml_documents_and_refuses_a_bad_spec(tmp_path):
     documents = [d for d in yaml.safe_load_all(done.stdout) if d]
     assert [d["kind"] for d in documents] == ["ConfigMap", "Workflow", "PyTorchJob", "InferenceService"]
     assert yaml.safe_load(documents[0]["data"]["job.yaml"])["spec"]["lora"]["rank"] == 16
+    # The installation's launcher (TESSERA_LAUNCHER, as the chart sets it) shows in what is printed.
+    v2 = subprocess.run([sys.executable, "-m", "tessera", "render", "-f", str(path)], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "TESSERA_LAUNCHER": "trainjob"})
+    assert v2.returncode == 0, v2.stderr
+    assert [d["kind"] for d in yaml.safe_load_all(v2.stdout) if d] == [
+        "ConfigMap", "Workflow", "TrainingRuntime", "TrainJob", "InferenceService"]
     bad = subprocess.run([sys.executable, "-m", "tessera", "render", "-f", str(path), "--set", "spec.lora.rank=0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "spec.lora.rank" in bad.stderr and "Traceback" not in bad.stderr
@@ -271,7 +392,7 @@ def test_training_failure_says_what_the_training_operator_says(job):
     pytorchjob = {"status": {"conditions": [{"type": "Failed", "status": "True",
                                              "message": "1 Master replica(s) failed"}]}}
     obs = Observation(workflow=workflow_with({"prepare": "Succeeded", "train": "Failed"}, phase="Failed",
-                                             messages={"train": "failed condition: ..."}), pytorchjob=pytorchjob)
+                                             messages={"train": "failed condition: ..."}), training_job=pytorchjob)
     status = derive_status(job, {"phase": "Training"}, obs, "2026-01-01T00:00:00Z").status
     assert status["error"] == {"code": "TrainingFailed", "message": "1 Master replica(s) failed"}
 

@@ -77,13 +77,14 @@ def test_invalid_job_fails_with_invalid_spec_and_never_blocks_the_others(cluster
 def test_failing_train_step_fails_the_job_with_a_reason_and_an_event(cluster, namespace, operator, tiny_model,
                                                                       tmp_path):
     # Prepare accepts it; PEFT finds no such module when the trainer starts.
+    # No restarts: the same error would come back on every one.
     job = finetunejob("bad-modules", namespace, str(tiny_model), str(tmp_path / "store"),
-                      lora={"rank": 4, "targetModules": ["no_such_proj"]})
+                      lora={"rank": 4, "targetModules": ["no_such_proj"]}, distribution={"maxRestarts": 0})
     cluster.create(job)
     cluster.wait_for("the job to fail", phase_is(cluster, namespace, "bad-modules", "Failed"), 180, operator)
     status = status_of(cluster, namespace, "bad-modules")
     assert status["error"]["code"] == "TrainingFailed", status["error"]
-    assert "Master replica(s) failed" in status["error"]["message"]
+    assert "reached the specified backoff limit" in status["error"]["message"]
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["DataPrepared"]["status"] == "True"
     assert conditions["Trained"]["status"] == "False" and conditions["Trained"]["reason"] == "TrainingFailed"

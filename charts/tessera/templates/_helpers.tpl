@@ -74,3 +74,12 @@ app.kubernetes.io/component: predictor
 - name: AWS_DEFAULT_REGION
   value: {{ .Values.store.region | quote }}
 {{- end -}}
+
+{{- /* The training kinds this installation runs (training.launcher first), as a JSON array. */ -}}
+{{- define "tessera.launchers" -}}
+{{- $launchers := list .Values.training.launcher -}}
+{{- range .Values.training.otherLaunchers }}
+{{- $launchers = append $launchers . -}}
+{{- end -}}
+{{- $launchers | uniq | toJson -}}
+{{- end -}}

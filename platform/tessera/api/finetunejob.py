@@ -6,7 +6,7 @@ dropout 0.1, learning rate 1e-4). Status follows the OpenAI fine-tuning API and 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -116,12 +116,26 @@ class TrainingSpec(KubeModel):
     logging_steps: int = Field(10, ge=1)
 
 
-class DistributionSpec(KubeModel):
-    """How the PyTorchJob spreads training: workers x GPUs, DeepSpeed ZeRO stage."""
+Launcher = Literal["pytorchjob", "trainjob"]
+LAUNCHERS: tuple[str, ...] = get_args(Launcher)
 
-    workers: int = Field(1, ge=1, le=512, description="Pods (PyTorchJob master + workers).")
+
+class DistributionSpec(KubeModel):
+    """How the training job spreads training: workers x GPUs, DeepSpeed ZeRO stage, restarts."""
+
+    launcher: Launcher | None = Field(
+        None,
+        description="The kind that runs the training pods: pytorchjob (Kubeflow Training Operator v1 "
+        "PyTorchJob) or trainjob (Kubeflow Trainer v2 TrainJob). Default: the installation's choice.",
+    )
+    workers: int = Field(1, ge=1, le=512, description="Training pods (nodes), one torchrun each.")
     gpus_per_worker: int = Field(1, ge=0, le=16, description="0 trains on CPU.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    max_restarts: int = Field(
+        3, ge=0, le=100,
+        description="Times the training pods may be restarted after a failure (preemption, a lost node), "
+        "each time resuming from the last checkpoint; per worker. 0: the first failure fails the job.",
+    )
 
 
 class SchedulingSpec(KubeModel):

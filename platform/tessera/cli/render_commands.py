@@ -21,8 +21,8 @@ def render_command(
     """Print the objects the operator creates for a job, as multi-document YAML (like `helm template`).
 
     The installation's settings come from the same TESSERA_* variables the operator reads (trainer
-    image, GPU resource name, default store); the PyTorchJob is the one the workflow's train step
-    will create.
+    image, GPU resource name, default store, launcher); the PyTorchJob, or the TrainingRuntime and
+    TrainJob, are the ones the workflow's train step will create.
     """
     import yaml
     from tessera_operator.builders import effective_job, render_objects
@@ -44,6 +44,8 @@ def render_command(
         "ConfigMap": "the job's spec, frozen at submission; every step reads it at /config/job.yaml",
         "Workflow": "runs tessera-finetune: prepare, train, evaluate, publish",
         "PyTorchJob": "created by the workflow's train step (not by the operator)",
+        "TrainingRuntime": "the job's Trainer v2 runtime, created by the workflow's train step",
+        "TrainJob": "created by the workflow's train step on that runtime (not by the operator)",
         "InferenceService": "created with the first Adapter for this base model, if it does not exist",
     }
     for obj in render_objects(job, OperatorConfig.from_env()):

@@ -2,6 +2,7 @@
 
 `jobs/<ns>/<job>/logs/progress.json` (the shared contract) is rewritten at every logging step;
 `logs/train-log.jsonl` holds the loss curve, one line per logging step, continued across resumes.
+Under Kubeflow Trainer v2 the same document also goes to the TrainJob's status (trainer_status.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from tessera.api import paths
 from tessera.train.artifacts import JobArtifacts
+from tessera.train.trainer_status import TrainerStatusReporter
 
 TRAIN_LOG = "train-log.jsonl"
 
@@ -64,6 +66,7 @@ class ProgressReporter:
         self.total_steps = total_steps
         self.start_step = start_step
         self.started = time.monotonic()
+        self.trainer_status = TrainerStatusReporter.from_environ() if enabled else None
         self.bar = None
         if enabled and show_bar:
             from tqdm.auto import tqdm
@@ -93,6 +96,8 @@ class ProgressReporter:
         store.put_json(self.artifacts.key(paths.progress_key(self.artifacts.job)), document)
         lines = "".join(json.dumps(entry) + "\n" for entry in history)
         store.put_bytes(self.artifacts.key(train_log_key(self.artifacts)), lines.encode())
+        if self.trainer_status is not None:
+            self.trainer_status.report(document, final=document["step"] >= document["totalSteps"])
 
     def close(self) -> None:
         if self.bar is not None:
