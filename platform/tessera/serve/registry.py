@@ -135,17 +135,18 @@ class AdapterRegistry:
             )
         started = time.perf_counter()
         try:
-            check_allowed(source, self.allowed_prefixes)
+            # The checked location is what is fetched, now and on every reload: never `source` again.
+            location = str(check_allowed(source, self.allowed_prefixes))
             async with self._name_locks.setdefault(name, asyncio.Lock()):
                 loop = asyncio.get_running_loop()
-                prepared = await loop.run_in_executor(self._executor, self._prepare, name, source, sha256, task)
+                prepared = await loop.run_in_executor(self._executor, self._prepare, name, location, sha256, task)
                 await asyncio.wrap_future(self.engine.install(name, prepared.weights))
         except AdapterError as error:
             metrics.ADAPTER_LOAD_FAILURES.labels(error.code).inc()
             metrics.ADAPTER_LOAD_SECONDS.labels("failed").observe(time.perf_counter() - started)
             log.warning("refused adapter %s from %s: %s", name, source, error.message)
             raise
-        record = AdapterRecord(name, source, prepared.sha256, prepared.rank, prepared.task, prepared.base_model)
+        record = AdapterRecord(name, location, prepared.sha256, prepared.rank, prepared.task, prepared.base_model)
         self.records[name] = record
         metrics.ADAPTER_LOAD_SECONDS.labels("loaded").observe(time.perf_counter() - started)
         metrics.ADAPTERS_REGISTERED.set(len(self.records))
