@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import kopf
-import yaml
 from tessera.api import Adapter, FineTuneJob, parse_resource
 from tessera.errors import InvalidSpecError, StoreError
+from tessera.safe_yaml import safe_load
 from tessera_operator.artifacts import read_job_artifacts
 from tessera_operator.builders import (
     ISVC_LABEL,
@@ -213,7 +213,7 @@ def _frozen_job(body: kopf.Body, memo: kopf.Memo, kube: Kube) -> FineTuneJob:
     if configmap is None:
         job = effective_job(dict(body), memo.config)
     else:
-        resource = parse_resource(yaml.safe_load(configmap["data"][JOB_CONFIG_KEY]))
+        resource = parse_resource(safe_load(configmap["data"][JOB_CONFIG_KEY]))
         job = resource if isinstance(resource, FineTuneJob) else effective_job(dict(body), memo.config)
     memo.job = job
     return job

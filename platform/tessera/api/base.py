@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 # DNS-1123 label: names that end up in object names, label values and adapter names.
@@ -14,6 +14,26 @@ SHA256_HEX = r"^[0-9a-f]{64}$"
 
 DnsLabel = Annotated[str, Field(pattern=DNS1123_LABEL, min_length=1, max_length=63)]
 DnsSubdomain = Annotated[str, Field(pattern=DNS1123_SUBDOMAIN, min_length=1, max_length=253)]
+
+
+
+def _uri_rule(store: bool):  # noqa: ANN202 - a validator factory
+    def check(value: str) -> str:
+        from tessera.errors import StoreError
+        from tessera.store.uri import check_uri
+
+        try:
+            return check_uri(value, store=store)
+        except StoreError as error:
+            raise ValueError(str(error)) from None
+
+    return check
+
+
+# Store URIs, parsed by the one parser (`tessera.store.uri`) at validation, so `s3://b/../../x`,
+# credentials in a bucket name or `file:///etc` fail at admission, not at run time.
+ArtifactUri = Annotated[str, Field(min_length=1), AfterValidator(_uri_rule(store=False))]
+StoreUri = Annotated[str, Field(min_length=1), AfterValidator(_uri_rule(store=True))]
 
 # Human wording for the patterns above, used in error messages instead of the raw regex.
 PATTERN_WORDS = {

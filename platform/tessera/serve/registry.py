@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
+from tessera.safe_yaml import safe_load
 from tessera.serve import metrics
 from tessera.serve.adapters import (
     ADAPTER_NAME,
@@ -50,7 +51,7 @@ class AdapterSource(BaseModel):
 def read_adapters_file(path: Path) -> list[AdapterSource]:
     """Parse the adapters file; a bad file is refused whole, naming each bad entry."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise AdapterError(f"cannot read adapters file {path}: {error}", code="adapters_file_invalid") from None
     if isinstance(data, dict) and "adapters" in data:

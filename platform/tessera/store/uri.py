@@ -27,7 +27,9 @@ from tessera.store.keys import normalize_key
 # some S3-compatible stores allow). Never ':', '@' or '/': those would be credentials or a host.
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Pseudo-filesystems whose "files" are the machine's state (environment, memory, devices), never data.
-SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
+PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
+# Where an artifact store (which is written to) never lives: the system's own directories.
+SYSTEM_ROOTS = (*PSEUDO_ROOTS, "/etc", "/boot", "/bin", "/sbin", "/lib", "/lib64", "/usr", "/run", "/var/run")
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,14 @@ class Location:
         """The same location with symlinks followed (local); refused if it is a system pseudo-file."""
         if self.is_remote:
             return self
-        real = Path(os.path.realpath(self.path))
-        if any(real == Path(root) or Path(root) in real.parents for root in SYSTEM_ROOTS):
-            raise StoreError(f"{self.path} is a system pseudo-file ({', '.join(SYSTEM_ROOTS)}), not an artifact")
-        return Location("file", "", normalize_key(real.as_posix()))
+        real = Location("file", "", normalize_key(os.path.realpath(self.path)))
+        if real.under(PSEUDO_ROOTS):
+            raise StoreError(f"{self.path} is a system pseudo-file ({', '.join(PSEUDO_ROOTS)}), not an artifact")
+        return real
+
+    def under(self, roots: tuple[str, ...]) -> bool:
+        """Whether this local location is one of `roots` (absolute paths) or lies under one."""
+        return not self.is_remote and any(self.within(Location("file", "", normalize_key(root))) for root in roots)
 
     def within(self, other: Location) -> bool:
         """Whether this location is `other` or lies under it, segment by segment."""
@@ -101,3 +107,14 @@ def parse_uri(uri: str | Path | Location) -> Location:
         path = os.path.expanduser(text)
     # abspath, not Path.absolute: `../data/x.csv` must become a key without '..'.
     return Location("file", "", normalize_key(Path(os.path.abspath(path)).as_posix()))
+
+
+def check_uri(uri: str, *, store: bool = False) -> str:
+    """The API's rule for a URI field (validated without touching any file): it must parse, must not
+    name a pseudo-file, and a store (which is written to) must not be `/` or a system directory."""
+    location = parse_uri(uri)
+    is_root = not location.is_remote and not location.key
+    if location.under(SYSTEM_ROOTS if store else PSEUDO_ROOTS) or (store and is_root):
+        where = "a system directory" if store else "a system pseudo-file"
+        raise StoreError(f"{location.path} is {where}; name a directory of your own or an s3:// URI")
+    return uri
