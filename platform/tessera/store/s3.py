@@ -83,6 +83,10 @@ class S3Config(BaseModel):
     def from_env(cls, env: Mapping[str, str] = os.environ) -> S3Config:
         raw = env.get("S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or DEFAULT_ENDPOINT
         secure = _flag(env, "S3_USE_HTTPS", True)
+        if "@" in raw:
+            # Not echoed: the part before '@' is a user name and password.
+            raise StoreError("S3_ENDPOINT must not hold credentials (user:password@): put them in "
+                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         if "://" in raw:
             parts = urlsplit(raw)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
