@@ -16,13 +16,13 @@ import difflib
 import hashlib
 import io
 import json
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tessera.errors import DatasetError, ObjectNotFoundError
+from tessera.scratch import scratch_dir
 
 FORMATS = ("csv", "jsonl", "parquet")
 ROW_KEY, LINE_KEY, ERROR_KEY = "_row", "_line", "_error"
@@ -63,7 +63,7 @@ def _read_bytes(uri: str) -> bytes:
     """The dataset file's bytes, wherever the URI points (s3://, file://, a path)."""
     from tessera.store import fetch
 
-    with tempfile.TemporaryDirectory(prefix="tessera-dataset-") as workdir:
+    with scratch_dir("dataset") as workdir:
         try:
             path = fetch(uri, workdir)
         except ObjectNotFoundError:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
 from tessera.safe_yaml import safe_load
+from tessera.scratch import scratch_dir
 from tessera.serve import metrics
 from tessera.serve.adapters import (
     ADAPTER_NAME,
@@ -104,8 +103,7 @@ class AdapterRegistry:
     def _prepare(self, name: str, source: str, sha256: str | None, task: str | None) -> PreparedAdapter:
         from tessera.store import fetch
 
-        workdir = Path(tempfile.mkdtemp(prefix="adapter-", dir=self.cache_dir))
-        try:
+        with scratch_dir("adapter", self.cache_dir) as workdir:
             try:
                 directory = fetch(source, workdir)
             except ObjectNotFoundError:
@@ -124,8 +122,6 @@ class AdapterRegistry:
                 )
             except (OSError, ValueError, RuntimeError) as error:  # unreadable files the checks did not foresee
                 raise AdapterError(f"cannot read the adapter at {source!r}: {error}", code="adapter_corrupt") from None
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
 
     async def load(self, name: str, source: str, sha256: str | None = None, task: str | None = None) -> AdapterRecord:
         """Fetch, check and install an adapter; the same name with a new source replaces it."""
