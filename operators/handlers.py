@@ -89,6 +89,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logging.getLogger("httpcore").setLevel(logging.INFO)
     settings.execution.max_workers = 16
     install_log_redaction()  # kopf's handlers are on the root logger by now
+    install_log_redaction(logging.getLogger("kopf.objects"))  # kopf posts these records as Events
     memo.config = CONFIG
     memo.kube = Kube(load_config())
     memo.adapter_api = AdapterApi()

@@ -42,8 +42,9 @@ class RedactingFilter(logging.Filter):
 
 
 def install_log_redaction(logger: logging.Logger | None = None) -> None:
-    """Put the filter on every handler of `logger` (default: the root), where all records pass."""
+    """Put the filter on `logger` (default: the root) and its handlers: the logger's own filter sees
+    the records created on it, its handlers' filters also those propagated from below."""
     target = logger or logging.getLogger()
-    for handler in target.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    for filterer in (target, *target.handlers):
+        if not any(isinstance(f, RedactingFilter) for f in filterer.filters):
+            filterer.addFilter(RedactingFilter())
