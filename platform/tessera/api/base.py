@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from tessera.errors import StoreError
+from tessera.store.uri import check_uri
 
 # DNS-1123 label: names that end up in object names, label values and adapter names.
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -15,13 +19,17 @@ SHA256_HEX = r"^[0-9a-f]{64}$"
 DnsLabel = Annotated[str, Field(pattern=DNS1123_LABEL, min_length=1, max_length=63)]
 DnsSubdomain = Annotated[str, Field(pattern=DNS1123_SUBDOMAIN, min_length=1, max_length=253)]
 
+# Human wording for the patterns above, used in error messages instead of the raw regex.
+PATTERN_WORDS = {
+    DNS1123_LABEL: "must be a DNS-1123 label (lower-case letters, digits and '-', starting and ending "
+    "with a letter or digit, at most 63 characters)",
+    DNS1123_SUBDOMAIN: "must be a DNS-1123 subdomain (lower-case letters, digits, '-' and '.')",
+    SHA256_HEX: "must be a sha256 digest (64 lower-case hexadecimal characters)",
+}
 
 
-def _uri_rule(store: bool):  # noqa: ANN202 - a validator factory
+def _uri_rule(store: bool) -> Callable[[str], str]:
     def check(value: str) -> str:
-        from tessera.errors import StoreError
-        from tessera.store.uri import check_uri
-
         try:
             return check_uri(value, store=store)
         except StoreError as error:
@@ -34,14 +42,6 @@ def _uri_rule(store: bool):  # noqa: ANN202 - a validator factory
 # credentials in a bucket name or `file:///etc` fail at admission, not at run time.
 ArtifactUri = Annotated[str, Field(min_length=1), AfterValidator(_uri_rule(store=False))]
 StoreUri = Annotated[str, Field(min_length=1), AfterValidator(_uri_rule(store=True))]
-
-# Human wording for the patterns above, used in error messages instead of the raw regex.
-PATTERN_WORDS = {
-    DNS1123_LABEL: "must be a DNS-1123 label (lower-case letters, digits and '-', starting and ending "
-    "with a letter or digit, at most 63 characters)",
-    DNS1123_SUBDOMAIN: "must be a DNS-1123 subdomain (lower-case letters, digits, '-' and '.')",
-    SHA256_HEX: "must be a sha256 digest (64 lower-case hexadecimal characters)",
-}
 
 
 class KubeModel(BaseModel):
