@@ -26,9 +26,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import kopf
-import yaml
 from tessera.api import Adapter, FineTuneJob, parse_resource
 from tessera.errors import InvalidSpecError, StoreError
+from tessera.redact import install_log_redaction, redact
+from tessera.safe_yaml import safe_load
 from tessera_operator.artifacts import read_job_artifacts
 from tessera_operator.builders import (
     ISVC_LABEL,
@@ -89,6 +90,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
     logging.getLogger("httpcore").setLevel(logging.INFO)
     settings.execution.max_workers = 16
+    install_log_redaction()  # kopf's handlers are on the root logger by now
+    install_log_redaction(logging.getLogger("kopf.objects"))  # kopf posts these records as Events
     memo.config = CONFIG
     memo.kube = Kube(load_config())
     memo.adapter_api = AdapterApi()
@@ -114,6 +117,7 @@ def _emit(body: Any, events: list[Event]) -> None:
 def _fail(body: Any, patch: kopf.Patch, status: dict[str, Any], code: str, message: str,
           also: tuple[dict[str, str], ...] = ()) -> None:
     """End the job: phase Failed, an error with a code, a Failed condition, a Warning Event."""
+    message = redact(message)
     now = _now()
     patch.status.update({"phase": "Failed", "error": {"code": code, "message": message}, "completionTime": now})
     patch.status["conditions"] = merge_conditions(status.get("conditions") or [],
@@ -143,6 +147,14 @@ def _submit(body: Any, status: dict[str, Any], patch: kopf.Patch, memo: kopf.Mem
     kube: Kube = memo.kube
     name = workflow_name(job.metadata.name)
     generation = body["metadata"].get("generation")
+    with _failing("checking the credentials Secret"):
+        problem = _missing_secret(job, memo, kube)
+    if problem is not None:
+        patch.status.update({"phase": "Pending", "observedGeneration": generation, "conditions": merge_conditions(
+            status.get("conditions") or [],
+            [condition("SpecValid", True, "Valid"), _credentials_condition(body, status, problem)], _now())})
+        # Not Failed: creating the Secret is enough to go on, and kopf retries this handler.
+        raise kopf.TemporaryError(problem, delay=min(CONFIG.poll_seconds * 3, 30))
     try:
         with _failing("submitting the job"):
             for child in (build_job_configmap(job, owner), build_workflow(job, memo.config, owner)):
@@ -170,6 +182,7 @@ def _submit(body: Any, status: dict[str, Any], patch: kopf.Patch, memo: kopf.Mem
         "completionTime": None,
         "conditions": merge_conditions([], [
             condition("SpecValid", True, "Valid"),
+            *([condition("CredentialsReady", True, "SecretFound")] if job.spec.store.credentials_secret else []),
             condition("Submitted", True, "WorkflowCreated", f"Workflow {name} from WorkflowTemplate "
                                                             f"{memo.config.workflow_template}"),
         ], now),
@@ -215,7 +228,7 @@ def _frozen_job(body: kopf.Body, memo: kopf.Memo, kube: Kube) -> FineTuneJob:
     if configmap is None:
         job = effective_job(dict(body), memo.config)
     else:
-        resource = parse_resource(yaml.safe_load(configmap["data"][JOB_CONFIG_KEY]))
+        resource = parse_resource(safe_load(configmap["data"][JOB_CONFIG_KEY]))
         job = resource if isinstance(resource, FineTuneJob) else effective_job(dict(body), memo.config)
     memo.job = job
     return job
@@ -231,6 +244,36 @@ def _credentials(job: FineTuneJob, memo: kopf.Memo, kube: Kube) -> dict[str, str
     data = kube.secret_data(job.metadata.namespace, secret)
     memo.credentials = (secret, time.monotonic(), data)
     return data
+
+
+def _missing_secret(job: FineTuneJob, memo: kopf.Memo, kube: Kube) -> str | None:
+    """Why the job's credentials Secret cannot be used (a message for a person), or None when it can.
+
+    Without it no step's pod can start (its env comes from the Secret): the job would sit Queued
+    with nothing said, so the operator looks first and says so."""
+    secret = job.spec.store.credentials_secret
+    if not secret:
+        return None
+    try:
+        _credentials(job, memo, kube)
+    except Rejected as error:
+        memo.credentials = None
+        if error.status == 404:
+            return (f"Secret {secret} (spec.store.credentialsSecret) does not exist in namespace "
+                    f"{job.metadata.namespace}: create it with the store's S3_ENDPOINT, AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY; the job starts once it exists")
+        return f"Secret {secret} (spec.store.credentialsSecret) cannot be read: HTTP {error.status}"
+    return None
+
+
+def _credentials_condition(body: Any, status: dict[str, Any], problem: str | None) -> dict[str, str]:
+    """The CredentialsReady condition, with a Warning Event when it turns False."""
+    ready = condition("CredentialsReady", problem is None, "SecretFound" if problem is None else "SecretNotFound",
+                      problem or "")
+    previous = next((c for c in status.get("conditions") or [] if c.get("type") == "CredentialsReady"), {})
+    if problem is not None and (previous.get("status") != "False" or previous.get("message") != problem):
+        kopf.warn(body, reason="SecretNotFound", message=problem)
+    return ready
 
 
 def _observe(job: FineTuneJob, memo: kopf.Memo, kube: Kube, logger: Any) -> Observation | None:
@@ -293,6 +336,9 @@ def follow(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.M
                   f"the Workflow {current['workflowRef']['name']} no longer exists")
             return
         update = derive_status(job, current, obs, _now())
+        if job.spec.store.credentials_secret:  # deleted after submission: the steps' pods cannot start
+            update.status["conditions"] = merge_conditions(update.status["conditions"], [
+                _credentials_condition(body, current, _missing_secret(job, memo, kube))], _now())
         if update.status["phase"] == "Succeeded":
             try:
                 promoted = _serve(body, job, obs, kube)

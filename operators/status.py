@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tessera.api import FineTuneJob, FineTuneJobStatus
+from tessera.redact import redact
 
 STEPS = ("prepare", "train", "evaluate", "publish")
 STEP_PHASE = {"prepare": "Validating", "train": "Training", "evaluate": "Evaluating", "publish": "Publishing"}
@@ -28,6 +29,9 @@ class Event:
     type: EventType
     reason: str
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", redact(self.message))
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class StatusUpdate:
 
 
 def condition(type_: str, status: bool, reason: str, message: str = "") -> dict[str, str]:
-    return {"type": type_, "status": "True" if status else "False", "reason": reason, "message": message}
+    return {"type": type_, "status": "True" if status else "False", "reason": reason, "message": redact(message)}
 
 
 def merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:

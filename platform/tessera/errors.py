@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from tessera.redact import redact
+
 
 class TesseraError(Exception):
     """Base of every error meant for a person: its message says what went wrong and what to do."""
 
     exit_code = 1
+
+    def __init__(self, message: object = "") -> None:
+        # Messages quote URIs and library errors: the one redaction rule applies before anyone reads them.
+        super().__init__(redact(message))
 
 
 class InvalidSpecError(TesseraError):
@@ -15,10 +21,10 @@ class InvalidSpecError(TesseraError):
     exit_code = 2
 
     def __init__(self, problems: list[str], source: str = "") -> None:
-        self.problems = problems
+        self.problems = [redact(p) for p in problems]
         self.source = source
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}invalid spec:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{where}invalid spec:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 class StoreError(TesseraError):

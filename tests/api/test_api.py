@@ -185,3 +185,59 @@ def test_crd_schemas_are_structural() -> None:
 def test_chart_copy_of_the_crds_is_in_sync() -> None:
     chart_copy = REPO / "charts" / "tessera" / "crds" / "tessera.dev_crds.yaml"
     assert chart_copy.read_text() == crds_yaml(), "run `make crds` to regenerate the chart's CRDs"
+
+
+def _laughs(levels: int, width: int = 9) -> str:
+    """A billion-laughs document: `levels` anchors, each aliasing the previous one `width` times."""
+    lines = ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("bomb", [
+    _laughs(9) + MINIMAL + "  lora: {targetModules: *lol8}\n",  # expanded in a field that is read
+    _laughs(4, 60) + MINIMAL,  # expanded nowhere, wide instead of deep: refused all the same
+    MINIMAL.replace("metadata:", "x: &self [*self]\nmetadata:"),  # an alias inside itself
+], ids=["billion-laughs", "wide-laughs", "recursive"])
+def test_yaml_bombs_are_refused_by_everything_that_loads_specs(bomb: str, tmp_path: Path) -> None:
+    """Billion laughs (and self-referencing aliases) fail in `validate`, `render` and the loader, at
+    once and with a clear error; an ordinary anchor/alias still works."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb)
+    with pytest.raises(InvalidSpecError, match="aliases|refers to a node"):
+        load_resources(path)
+    for command in (["validate", str(path)], ["render", "-f", str(path)]):
+        result = subprocess.run([sys.executable, "-m", "tessera", *command], capture_output=True, text=True,
+                                cwd=REPO, timeout=60)
+        assert result.returncode == 2, (command, result.stderr[-500:])
+        assert "Traceback" not in result.stderr and ("aliases" in result.stderr or "refers to" in result.stderr)
+    flow = "{" + ", ".join(line.replace(": ", ": ", 1) for line in _laughs(9).splitlines()) + "}"
+    with pytest.raises(InvalidSpecError, match="aliases"):
+        load_resources(MINIMAL, [f"spec.lora.targetModules={flow}"])
+    anchors = MINIMAL.replace("minimal}", "minimal, labels: &l {team: fx}, annotations: *l}")
+    assert load_resources(anchors)[0].metadata.name == "minimal"
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("spec.store.uri", "file:///etc", "/etc is a system directory"),
+    ("spec.store.uri", "/", "system directory"),
+    ("spec.store.uri", "../../../../../../usr/lib", "system directory"),
+    ("spec.store.uri", "s3://tessera/../../x", "'..' is not allowed"),
+    ("spec.store.uri", "s3://tessera/a/./../../x", "'..' is not allowed"),
+    ("spec.store.uri", "s3://AKIAEXAMPLE:wJalrXUtnFEMI@minio:9000/tessera", "invalid bucket name"),
+    ("spec.store.uri", "s3://minio-user@tessera/x", "invalid bucket name"),
+    ("spec.store.uri", "gs://bucket/x", "unsupported store URI scheme"),
+    ("spec.dataset.uri", "/proc/self/environ", "system pseudo-file"),
+    ("spec.dataset.uri", "file:///proc/self/%65nviron", "system pseudo-file"),
+    ("spec.dataset.evalUri", "s3://tessera/data/../../../secrets.csv", "'..' is not allowed"),
+    ("spec.baseModel.uri", "file://host/models/x", "must be local"),
+])
+def test_store_uris_are_refused_at_validation(field: str, value: str, words: str) -> None:
+    """The URI rules hold at admission (`tessera validate`, the operator's submit), with the same parser
+    the store uses, and a refusal never repeats credentials found in the URI."""
+    overrides = [f"{field}={value}", "spec.store.credentialsSecret=minio"]
+    with pytest.raises(InvalidSpecError) as caught:
+        load_resources(MINIMAL, overrides)
+    message = str(caught.value)
+    assert words in message and f"{field.removeprefix('spec.')}".split(".")[-1] in message
+    assert "wJalrXUtnFEMI" not in message and "minio-user" not in message

@@ -74,12 +74,47 @@ def test_sha256_is_of_the_source_bytes(tmp_path):
     assert read_dataset(str(path)).sha256 == hashlib.sha256(CSV_TEXT.encode()).hexdigest()
 
 
-def test_a_mapped_column_the_file_lacks_is_named_with_the_columns_it_has(tmp_path):
+def test_a_mapped_column_the_file_lacks_suggests_a_near_miss_and_quotes_nothing_else(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text(CSV_TEXT)
-    with pytest.raises(DatasetError, match=r"no column 'text' \(spec.dataset.columns.text\); its columns are: "
-                                           r"sentence, label"):
+    with pytest.raises(DatasetError, match=r"no column 'sentense' \(spec.dataset.columns.text\); "
+                                           r"did you mean 'sentence'\?"):
+        load_records(str(path), columns={"text": "sentense"})
+    # A file that is not a dataset (here a credentials file read as CSV): its "header" is not echoed.
+    canary = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    path.write_text(f"[default],aws_secret_access_key = {canary},region\n1,2,3\n")
+    with pytest.raises(DatasetError) as caught:
         load_records(str(path), columns={"text": "text"})
+    assert canary not in str(caught.value) and "none of its 3 columns is close" in str(caught.value)
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"text,label,text\na,b,c\n", "the header names column 'text' twice (columns 1 and 3)"),
+    (b"text, label ,label\na,b,c\n", "names column 'label' twice (columns 2 and 3)"),
+    (b"text,label\nok,positive\nok,neutral\ncaf\xe9,negative\n", "line 4 is not UTF-8 text"),
+    (b"text,label\n\"multi\nline\",positive\n\xff\xfe,x\n", "line 4 is not UTF-8 text"),
+    (b"text,label\nok,positive\nnul\x00here,neutral\n", "line 3 holds a NUL character"),
+])
+def test_csv_that_would_train_wrong_is_refused_by_line(tmp_path, content, words):
+    """Duplicate columns would silently pick one of them; a mixed-encoding file is named by line."""
+    path = tmp_path / "d.csv"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_records(str(path), columns={"text": "text"})
+
+
+def test_a_field_over_the_csv_limit_is_refused_by_line_before_it_costs_memory(tmp_path, monkeypatch):
+    """The class of the 50 MB cell: a field over MAX_CSV_FIELD is refused naming its record's line (the
+    limit is lowered here so that the probe stays small; the rule is the same)."""
+    from tessera.data import load
+
+    monkeypatch.setattr(load, "MAX_CSV_FIELD", 1 << 20)
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\nsmall,positive\n\"" + "x" * (1 << 20) + 'y",negative\nafter,neutral\n')
+    with pytest.raises(DatasetError, match="record starting at line 3 cannot be read: a field is larger than 1 MiB"):
+        load_records(str(path))
+    path.write_text("text,label\nsmall,positive\n" + "x" * (1 << 19) + ",negative\n")
+    assert len(load_records(str(path))) == 2
 
 
 def test_missing_dataset_fails_fast_naming_the_uri(tmp_path):

@@ -74,6 +74,35 @@ def test_invalid_job_fails_with_invalid_spec_and_never_blocks_the_others(cluster
     assert status_of(cluster, namespace, "needs-a-secret")["observedGeneration"] == 2
 
 
+def test_a_missing_credentials_secret_is_said_and_the_job_starts_once_it_exists(cluster, namespace, operator,
+                                                                                 tmp_path):
+    """Without its Secret no step could start: the job says so (Pending, CredentialsReady=False, a Warning
+    Event) instead of sitting Queued, creates no Workflow, and is submitted once the Secret exists."""
+    job = missing_dataset_job("no-secret", namespace, tmp_path)
+    job["spec"]["store"]["credentialsSecret"] = "team-store"
+    cluster.create(job)
+
+    def credentials(expected: str) -> dict[str, Any] | None:
+        found = [c for c in status_of(cluster, namespace, "no-secret").get("conditions") or []
+                 if c["type"] == "CredentialsReady" and c["status"] == expected]
+        return found[0] if found else None
+
+    cluster.wait_for("CredentialsReady=False", lambda: credentials("False"), 60, operator)
+    status = status_of(cluster, namespace, "no-secret")
+    assert status["phase"] == "Pending" and not status.get("workflowRef")
+    assert credentials("False")["reason"] == "SecretNotFound"
+    assert "Secret team-store" in credentials("False")["message"]
+    assert ("Warning", "SecretNotFound") in reasons(cluster, namespace, "no-secret")
+    assert cluster.get(*WORKFLOW, namespace, "ftj-no-secret") is None
+
+    cluster.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {"name": "team-store", "namespace": namespace}, "data": {}})
+    cluster.wait_for("the job to be submitted once the Secret exists",
+                     lambda: status_of(cluster, namespace, "no-secret").get("workflowRef"), 90, operator)
+    assert credentials("True") is not None
+    assert cluster.get(*WORKFLOW, namespace, "ftj-no-secret") is not None
+
+
 def test_failing_train_step_fails_the_job_with_a_reason_and_an_event(cluster, namespace, operator, tiny_model,
                                                                       tmp_path):
     # Prepare accepts it; PEFT finds no such module when the trainer starts.

@@ -118,16 +118,55 @@ def test_allowed_prefixes(tmp_path):
         str(tmp_path / "adapters-evil"),  # a sibling that merely shares the prefix string
         str(allowed / ".." / "adapters-evil"),
         "s3://tessera/adapters-evil/x",
-        "s3://tessera/adapters/../secrets",
         "s3://other/adapters/x",
     ]
     for path in refused:
         with pytest.raises(AdapterError) as caught:
             check_allowed(path, [str(allowed), "s3://tessera/adapters"])
         assert caught.value.status == 403 and caught.value.code == "path_not_allowed", path
+    with pytest.raises(AdapterError) as caught:
+        check_allowed("s3://tessera/adapters/../secrets", ["s3://tessera/adapters"])
+    assert caught.value.code == "invalid_path"
     (tmp_path / "link").symlink_to(tmp_path / "adapters-evil")
     with pytest.raises(AdapterError):
         check_allowed(str(allowed / ".." / "link"), [str(allowed)])
+
+
+def test_allowed_prefix_holds_against_every_spelling_of_a_path(tmp_path):
+    """The class of the `file:///allowed/%2e%2e/outside` bypass: whatever the spelling (percent-encoded
+    dots or slashes, mixed case, `.`/`..` segments, links inside the prefix leading out), the location
+    checked is the one returned to be read, and a path outside is refused whether it exists or not."""
+    allowed = tmp_path / "allowed"
+    (allowed / "adp").mkdir(parents=True)
+    (tmp_path / "outside" / "adp").mkdir(parents=True)
+    (allowed / "out-link").symlink_to(tmp_path / "outside")
+    (allowed / "in-link").symlink_to(allowed / "adp")
+    root = tmp_path.as_posix()
+    escapes = [
+        f"file://{root}/allowed/%2e%2e/outside/adp",
+        f"file://{root}/allowed/%2E%2E/outside/adp",
+        f"file://{root}/allowed/.%2e/outside/adp",
+        f"file://{root}/allowed%2f..%2foutside/adp",
+        f"file://{root}/allowed/adp/%2e%2e/%2e%2e/outside/adp",
+        f"file://{root}/allowed/out-link/adp",
+        f"{root}/allowed/./../outside/adp",
+        f"{root}/allowed/out-link/adp",
+    ]
+    for spelling in escapes:
+        for target in ("adp", "absent"):  # no existence oracle: the same answer either way
+            path = spelling.replace("outside/adp", f"outside/{target}")
+            with pytest.raises(AdapterError) as caught:
+                check_allowed(path, [f"file://{root}/allowed"])
+            assert (caught.value.status, caught.value.code) == (403, "path_not_allowed"), path
+    # Double encoding is decoded once: `%252e%252e` is a directory literally named `%2e%2e`, inside.
+    inside = check_allowed(f"file://{root}/allowed/%252e%252e/adp", [str(allowed)])
+    assert inside.path == allowed / "%2e%2e" / "adp"
+    assert check_allowed(f"file://{root}/allowed/in-link", [str(allowed)]).path == allowed / "adp"
+    assert check_allowed(f"file://{root}/allowed/adp/../adp", [str(allowed)]).path == allowed / "adp"
+    for s3_escape in ("s3://tessera/adapters/../x", "s3://tessera/adapters/a/../../x"):
+        with pytest.raises(AdapterError):
+            check_allowed(s3_escape, ["s3://tessera/adapters"])
+    assert str(check_allowed("s3://tessera/adapters//a/./v1/", ["s3://tessera/adapters"])) == "s3://tessera/adapters/a/v1"
 
 
 def test_visible_text_holds_back_possible_stop_strings():

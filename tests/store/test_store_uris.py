@@ -56,3 +56,31 @@ def test_fetch_and_push_local_and_s3(s3_env: str, s3_bucket: str, tmp_path: Path
     assert single == tmp_path / "cache" / "config.json" and single.read_text() == "{}"
     with pytest.raises(ObjectNotFoundError, match=f"s3://{s3_bucket}/models/none"):
         fetch(f"s3://{s3_bucket}/models/none", tmp_path / "cache" / "none")
+
+
+@pytest.mark.parametrize(("uri", "key"), [
+    ("file:///srv/allowed/%2e%2e/outside/adp", "srv/outside/adp"),  # decoded once, then normalised
+    ("file:///srv/a/%2E%2e%2Fb", "srv/b"),  # an encoded slash too
+    ("file:///srv/a/%252e%252e/b", "srv/a/%2e%2e/b"),  # double encoding is decoded once only
+    ("/srv/a/./b//c/", "srv/a/b/c"),
+    ("/srv/a/%2e%2e/b", "srv/a/%2e%2e/b"),  # a plain path is literal
+])
+def test_uris_are_decoded_once_and_normalised(uri: str, key: str) -> None:
+    from tessera.store import parse_uri
+
+    location = parse_uri(uri)
+    assert location.key == key
+    assert parse_uri(str(location)) == location  # what the store prints reads back as the same place
+    store, store_key = open_store(uri)
+    assert store_key == key
+
+
+@pytest.mark.parametrize("uri", ["s3://tessera/../../x", "s3://tessera/a/../../x", "s3://tessera/a/..",
+                                 "s3://user:pass@bucket/x", "s3://bucket%40evil/x", "file:///a/%00b"])
+def test_escaping_or_credential_bearing_uris_are_refused_everywhere(uri: str, tmp_path: Path) -> None:
+    from tessera.store import parse_uri
+
+    for use in (parse_uri, open_store, lambda u: fetch(u, tmp_path), lambda u: push(tmp_path, u)):
+        with pytest.raises(StoreError) as caught:
+            use(uri)
+        assert "pass" not in str(caught.value)

@@ -84,10 +84,10 @@ def test_a_publish_that_dies_midway_leaves_no_adapter_in_the_registry(
 
     prefix = "adapters/default/broken-publish/v1"
     raw = Minio(s3_env.removeprefix("http://"), access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, secure=False)
-    leftovers = [o.object_name for o in raw.list_objects(s3_bucket, prefix=prefix + "/", recursive=True)]
-    assert f"{prefix}/adapter_config.json" in leftovers  # the upload did get halfway...
-    assert not store.exists(prefix)  # ...yet readers see no adapter
-    assert store.list("adapters") == []
+    # The failed publish cleared what it had uploaded (adapter_config.json went up before the weights).
+    assert [o.object_name for o in raw.list_objects(s3_bucket, prefix=prefix + "/", recursive=True)] == []
+    assert not store.exists(prefix)
+    assert store.list("adapters") == [] and store.list("adapters", recursive=False) == []
     assert not store.exists("jobs/default/broken-publish/published.json")
 
     monkeypatch.setattr(S3Store, "_put_file", real_put_file)
@@ -97,3 +97,11 @@ def test_a_publish_that_dies_midway_leaves_no_adapter_in_the_registry(
                                           ("adapter_config.json", "adapter_model.safetensors", "model-card.json")]
     card = json.loads(store.get_bytes(f"{prefix}/model-card.json"))
     assert card["baseModel"]["sha256"] == manifest_digest(local_manifest(tiny_model_dir))
+
+    # Killed between the publish and its record: a rerun records the version it finds, whether the
+    # job names its version or lets it default to a timestamp; no error, no second version.
+    for version in ("v1", None):
+        store.delete("jobs/default/broken-publish/published.json")
+        job.spec.output.version = version
+        assert publish_job(job) == record
+        assert store.list("adapters/default/broken-publish", recursive=False) == [f"{prefix}/"]

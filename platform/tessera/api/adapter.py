@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tessera.api.base import SHA256_HEX, Condition, DnsLabel, DnsSubdomain, KubeModel, KubeResource
+from tessera.api.base import SHA256_HEX, ArtifactUri, Condition, DnsLabel, DnsSubdomain, KubeModel, KubeResource
 
 AdapterPhase = Literal["Pending", "Loading", "Ready", "Failed"]
 ReplicaState = Literal["Pending", "Loading", "Loaded", "Failed", "Unloaded"]
@@ -36,7 +36,7 @@ class AdapterServing(KubeModel):
 
 class AdapterSpec(KubeModel):
     base_model: AdapterBaseModel
-    uri: str = Field(min_length=1, description="Store URI of the PEFT adapter directory.")
+    uri: ArtifactUri = Field(description="Store URI of the PEFT adapter directory.")
     sha256: str | None = Field(
         None, pattern=SHA256_HEX, description="sha256 of adapter_model.safetensors; checked on load."
     )

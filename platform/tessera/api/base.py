@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from tessera.errors import StoreError
+from tessera.store.uri import check_uri
 
 # DNS-1123 label: names that end up in object names, label values and adapter names.
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -22,6 +26,22 @@ PATTERN_WORDS = {
     DNS1123_SUBDOMAIN: "must be a DNS-1123 subdomain (lower-case letters, digits, '-' and '.')",
     SHA256_HEX: "must be a sha256 digest (64 lower-case hexadecimal characters)",
 }
+
+
+def _uri_rule(store: bool) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        try:
+            return check_uri(value, store=store)
+        except StoreError as error:
+            raise ValueError(str(error)) from None
+
+    return check
+
+
+# Store URIs, parsed by the one parser (`tessera.store.uri`) at validation, so `s3://b/../../x`,
+# credentials in a bucket name or `file:///etc` fail at admission, not at run time.
+ArtifactUri = Annotated[str, Field(min_length=1), AfterValidator(_uri_rule(store=False))]
+StoreUri = Annotated[str, Field(min_length=1), AfterValidator(_uri_rule(store=True))]
 
 
 class KubeModel(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 from pydantic import Field, model_validator
 
 from tessera import API_VERSION
-from tessera.api.base import Condition, DnsLabel, DnsSubdomain, KubeModel, KubeResource
+from tessera.api.base import ArtifactUri, Condition, DnsLabel, DnsSubdomain, KubeModel, KubeResource, StoreUri
 
 TaskName = Literal[
     "sentiment", "headline", "ner", "xbrl-tags", "xbrl-values", "recommendation", "forecast", "text", "chat"
@@ -45,7 +45,7 @@ class Quantization(KubeModel):
 class BaseModelSpec(KubeModel):
     """The frozen base model: a Hugging Face model directory in the store."""
 
-    uri: str = Field(min_length=1, description="s3://bucket/models/<base>, file:///path, or a directory path.")
+    uri: ArtifactUri = Field(description="s3://bucket/models/<base>, file:///path, or a directory path.")
     name: str | None = Field(None, description="Upstream name, e.g. meta-llama/Llama-3.1-8B-Instruct.")
     format: Literal["safetensors", "pytorch", "gguf"] = Field(
         "safetensors", description="Checkpoint format of the directory."
@@ -66,7 +66,7 @@ class BaseModelSpec(KubeModel):
 class DatasetSpec(KubeModel):
     """Where the data is and how its columns map onto the task's fields."""
 
-    uri: str = Field(min_length=1, description="s3://bucket/datasets/..., file:///path or a path.")
+    uri: ArtifactUri = Field(description="s3://bucket/datasets/..., file:///path or a path.")
     format: Literal["csv", "jsonl", "parquet"] | None = Field(None, description="Default: from the extension.")
     task: TaskName
     columns: dict[str, str] = Field(
@@ -76,7 +76,7 @@ class DatasetSpec(KubeModel):
         default_factory=dict, description="Raw label -> task label, e.g. TFNS {'0': negative}."
     )
     eval_split: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out fraction when no evalUri is given.")
-    eval_uri: str | None = Field(None, description="A separate evaluation dataset (replaces evalSplit).")
+    eval_uri: ArtifactUri | None = Field(None, description="A separate evaluation dataset (replaces evalSplit).")
     on_bad_rows: Literal["fail", "skip"] = Field("fail", description="Fail the job or skip rows that break rules.")
     max_rows: int | None = Field(None, ge=1, description="Deterministic sample of this many rows.")
     max_eval_rows: int | None = Field(None, ge=1, description="Cap on evaluation rows.")
@@ -200,7 +200,7 @@ class ServingSpec(KubeModel):
 class StoreSpec(KubeModel):
     """The artifact store root and the Secret holding its credentials (never inline credentials)."""
 
-    uri: str = Field(".tessera/store", min_length=1, description="s3://bucket[/prefix] or a directory.")
+    uri: StoreUri = Field(".tessera/store", description="s3://bucket[/prefix] or a directory.")
     credentials_secret: DnsSubdomain | None = Field(
         None,
         description="Secret with S3_ENDPOINT, S3_USE_HTTPS, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "

@@ -14,6 +14,7 @@ from tessera.api.adapter import Adapter
 from tessera.api.base import PATTERN_WORDS
 from tessera.api.finetunejob import FineTuneJob
 from tessera.errors import InvalidSpecError
+from tessera.safe_yaml import YamlLimitError, safe_load, safe_load_all
 
 Resource = FineTuneJob | Adapter
 KINDS: dict[str, type[BaseModel]] = {"FineTuneJob": FineTuneJob, "Adapter": Adapter}
@@ -23,7 +24,7 @@ def load_resources(source: str | Path, overrides: list[str] | tuple[str, ...] = 
     """Every document of a YAML file (or YAML text), validated; all problems reported at once."""
     text, name = _read(source)
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = [d for d in safe_load_all(text) if d is not None]
     except yaml.YAMLError as error:
         raise InvalidSpecError([f"not valid YAML: {_yaml_problem(error)}"], name) from None
     if not documents:
@@ -81,7 +82,9 @@ def apply_overrides(document: Any, overrides: list[str] | tuple[str, ...]) -> An
         if not sep or not path:
             raise InvalidSpecError([f"--set {override!r}: expected path=value"])
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = safe_load(raw) if raw else ""
+        except YamlLimitError as error:
+            raise InvalidSpecError([f"--set {path}: {error}"]) from None
         except yaml.YAMLError:
             value = raw
         node = document

@@ -26,8 +26,10 @@ PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress ba
 
 def _setup(job_file: Path, overrides: list[str]) -> Any:
     from tessera.api import load_job
+    from tessera.redact import install_log_redaction
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    install_log_redaction()
     # No hub: every model is a local or store directory. Keeps a typo from turning into a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Cores are often shared (a laptop, CI, a pod under a CPU limit). OpenMP threads that spin while

@@ -29,9 +29,10 @@ def render_command(
     from tessera_operator.config import OperatorConfig
 
     from tessera.api import apply_overrides
+    from tessera.safe_yaml import safe_load
 
     try:
-        document = yaml.safe_load(file.read_text())
+        document = safe_load(file.read_text())
     except FileNotFoundError:
         raise InvalidSpecError(["file not found"], str(file)) from None
     except yaml.YAMLError as error:

@@ -37,9 +37,11 @@ def serve_command(
     from pydantic import ValidationError
 
     from tessera.errors import InvalidSpecError
+    from tessera.redact import install_log_redaction
     from tessera.serve.app import ServeSettings, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     try:
         settings = ServeSettings(
             model=model, port=port, host=host, adapters_file=adapters_file, max_loras=max_loras,

@@ -6,11 +6,12 @@ S3_ENDPOINT, S3_USE_HTTPS, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+
+from tessera.scratch import scratch_dir
 
 if TYPE_CHECKING:
     from tessera.store import Progress, Store
@@ -68,7 +69,7 @@ def cp_command(
         elif dst_store.local_path(dst_key) is not None:
             _download(src_store, src_key, dst_store.local_path(dst_key), is_file, progress)
         else:
-            with tempfile.TemporaryDirectory(prefix="tessera-cp-") as scratch:
+            with scratch_dir("cp") as scratch:
                 staged = _download(src_store, src_key, Path(scratch) / "data", is_file, progress)
                 _upload(staged, dst_store, dst_key, is_file, progress)
     typer.echo(f"copied {src_store.uri(src_key)} -> {dst_store.uri(dst_key)}")

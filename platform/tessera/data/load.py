@@ -12,22 +12,25 @@ is not a JSON object) is kept with an `_error` so that validation reports it wit
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import io
 import json
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tessera.errors import DatasetError, ObjectNotFoundError
+from tessera.scratch import scratch_dir
 
 FORMATS = ("csv", "jsonl", "parquet")
 ROW_KEY, LINE_KEY, ERROR_KEY = "_row", "_line", "_error"
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-# Documents for domain adaptation can be long: lift the csv module's 128 KiB default cell limit.
-_MAX_CSV_CELL = 1 << 30
+# Documents for domain adaptation can be long, so the csv module's 128 KiB default is lifted, but
+# not without bound: 8 MiB is millions of tokens, beyond any context, and a 50 MB cell must not cost
+# gigabytes downstream.
+MAX_CSV_FIELD = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def _read_bytes(uri: str) -> bytes:
     """The dataset file's bytes, wherever the URI points (s3://, file://, a path)."""
     from tessera.store import fetch
 
-    with tempfile.TemporaryDirectory(prefix="tessera-dataset-") as workdir:
+    with scratch_dir("dataset") as workdir:
         try:
             path = fetch(uri, workdir)
         except ObjectNotFoundError:
@@ -70,51 +73,84 @@ def _read_bytes(uri: str) -> bytes:
         return path.read_bytes()
 
 
-def _csv_rows(data: bytes) -> tuple[list[str], Iterator[tuple[int, int, list[str]]]]:
-    csv.field_size_limit(_MAX_CSV_CELL)
-    text = data.decode("utf-8-sig")
-    reader = csv.reader(io.StringIO(text, newline=""))
+def decode_text(uri: str, data: bytes) -> str:
+    """UTF-8 text (a BOM is dropped); a file that is not is refused naming the line, never its content."""
     try:
-        header = next(reader)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DatasetError(
+            f"dataset {uri}: line {line} is not UTF-8 text (byte {column} of the line); "
+            "save the whole file as UTF-8"
+        ) from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise DatasetError(f"dataset {uri}: line {text.count(chr(10), 0, nul) + 1} holds a NUL character: "
+                           "not a text file")
+    return text
+
+
+def _column_name(name: str) -> str:
+    """A header cell as an error may show it: bounded, so a header that is not one is not quoted whole."""
+    return repr(name if len(name) <= 40 else name[:40] + "...")
+
+
+def _csv_rows(uri: str, data: bytes) -> tuple[list[str], Iterator[tuple[int, int, list[str]]]]:
+    csv.field_size_limit(MAX_CSV_FIELD)
+    reader = csv.reader(io.StringIO(decode_text(uri, data), newline=""))
+    try:
+        header = [name.strip() for name in next(reader)]
     except StopIteration:
         return [], iter(())
+    seen: dict[str, int] = {}
+    for index, name in enumerate(header, start=1):
+        if name in seen:
+            raise DatasetError(
+                f"dataset {uri}: the header names column {_column_name(name)} twice (columns {seen[name]} and "
+                f"{index}); give every column its own name"
+            )
+        seen[name] = index
 
     def rows() -> Iterator[tuple[int, int, list[str]]]:
         consumed = reader.line_num
         number = 0
-        for cells in reader:
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                reason = (f"a field is larger than {MAX_CSV_FIELD >> 20} MiB" if "field limit" in str(error)
+                          else "it is not valid CSV")
+                raise DatasetError(f"dataset {uri}: the record starting at line {consumed + 1} cannot be read: "
+                                   f"{reason}") from None
             start, consumed = consumed + 1, reader.line_num
             if not cells:
                 continue
             number += 1
             yield number, start, cells
 
-    return [h.strip() for h in header], rows()
+    return header, rows()
 
 
 def _read_csv(uri: str, data: bytes) -> tuple[list[str], list[dict[str, Any]]]:
-    try:
-        header, rows = _csv_rows(data)
-        records = []
-        for number, line, cells in rows:
-            record: dict[str, Any] = {ROW_KEY: number, LINE_KEY: line}
-            if len(cells) != len(header):
-                record[ERROR_KEY] = f"has {len(cells)} cells, the header has {len(header)}"
-            else:
-                record.update(zip(header, cells, strict=True))
-            records.append(record)
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise DatasetError(f"dataset {uri} is not a readable UTF-8 CSV file: {error}") from None
+    header, rows = _csv_rows(uri, data)
+    records = []
+    for number, line, cells in rows:
+        record: dict[str, Any] = {ROW_KEY: number, LINE_KEY: line}
+        if len(cells) != len(header):
+            record[ERROR_KEY] = f"has {len(cells)} cells, the header has {len(header)}"
+        else:
+            record.update(zip(header, cells, strict=True))
+        records.append(record)
     return header, records
 
 
 def _read_jsonl(uri: str, data: bytes) -> tuple[list[str], list[dict[str, Any]]]:
-    try:
-        # JSON Lines ends records at "\n" only: str.splitlines would also split inside strings on
-        # Unicode line separators, which tweets do contain.
-        lines = data.decode("utf-8-sig").split("\n")
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"dataset {uri} is not UTF-8 text: {error}") from None
+    # JSON Lines ends records at "\n" only: str.splitlines would also split inside strings on
+    # Unicode line separators, which tweets do contain.
+    lines = decode_text(uri, data).split("\n")
     records, columns = [], {}
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -168,10 +204,11 @@ def read_dataset(uri: str, format: str | None = None, columns: Mapping[str, str]
         absent = {field: source for field, source in columns.items() if source not in header}
         if absent:
             field, source = next(iter(absent.items()))
-            raise DatasetError(
-                f"dataset {uri} has no column {source!r} (spec.dataset.columns.{field}); "
-                f"its columns are: {', '.join(header) or '(none)'}"
-            )
+            # Only a near-miss of what the user typed is shown: the header of a file that is not
+            # a dataset (a credentials file, /etc/passwd) must not be printed back.
+            close = difflib.get_close_matches(source, header, n=1, cutoff=0.75)
+            hint = f"did you mean {_column_name(close[0])}?" if close else f"none of its {len(header)} columns is close"
+            raise DatasetError(f"dataset {uri} has no column {source!r} (spec.dataset.columns.{field}); {hint}")
     return SourceData(
         uri=uri,
         format=fmt,

@@ -12,12 +12,12 @@ and in evaluation (`encode_prompt`), whatever the tokenizer would merge across t
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tessera.errors import TesseraError
+from tessera.scratch import scratch_dir
 from tessera.tasks import Example
 from tessera.tasks.chat import plain_turn
 
@@ -201,7 +201,7 @@ def load_tokenizer(model_uri: str) -> Any:
             problem = "is not a directory" if local.exists() else "does not exist"
             raise TokenizerError(f"the base model {model_uri} (spec.baseModel.uri) {problem}")
         return _from_pretrained(local, model_uri)
-    with tempfile.TemporaryDirectory(prefix="tessera-tokenizer-") as workdir:
+    with scratch_dir("tokenizer") as workdir:
         for name in TOKENIZER_FILES:
             if store.exists(join_key(prefix, name)):
                 store.get_file(join_key(prefix, name), Path(workdir) / name)

@@ -13,7 +13,6 @@ With `spec.evaluation.selectCheckpointBy`, every checkpoint is scored and the be
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 from tessera.api import FineTuneJob, paths
 from tessera.errors import TesseraError
 from tessera.evaluate.report import best_checkpoint, improvement, label_counts, majority_baseline
+from tessera.scratch import scratch_dir
 from tessera.tasks import Example, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def evaluate_job(
     precision = compute_precision(job, hardware)
     device = device_for(hardware)
 
-    with tempfile.TemporaryDirectory(prefix="tessera-evaluate-") as scratch:
+    with scratch_dir("evaluate") as scratch:
         workdir = Path(scratch)
         candidates = _candidates(job, artifacts, adapter_uri, workdir)
         model_dir = fetch_base_model(job)

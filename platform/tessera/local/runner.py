@@ -12,7 +12,6 @@ import json
 import logging
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import yaml
 
 from tessera.api import FineTuneJob, paths
 from tessera.errors import TesseraError
+from tessera.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _train(job: FineTuneJob, show_progress: bool) -> dict[str, Any]:
     workers = job.spec.distribution.workers
     if workers == 1:
         return train_job(job, show_progress=show_progress).to_json()
-    with tempfile.TemporaryDirectory(prefix="tessera-run-") as scratch:
+    with scratch_dir("run") as scratch:
         job_file = Path(scratch) / "job.yaml"
         job_file.write_text(yaml.safe_dump(job.to_manifest(), sort_keys=False))
         result_file = Path(scratch) / "result.json"

@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tessera.errors import TesseraError
+from tessera.errors import StoreError, TesseraError
+from tessera.store.uri import Location, parse_uri
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -35,7 +36,7 @@ class AdapterError(TesseraError):
 
     def __init__(self, message: str, *, code: str, status: int = 400) -> None:
         super().__init__(message)
-        self.message = message
+        self.message = str(self)  # redacted by TesseraError
         self.code = code
         self.status = status
 
@@ -49,6 +50,7 @@ class BaseModelSpec:
     vocab_size: int
     linear_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features)
     embedding_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (vocab, hidden)
+    dtype: Any = None  # the served weights' torch dtype: scaled adapters must stay finite in it
 
     @classmethod
     def of(cls, model: Any, name: str | None) -> BaseModelSpec:
@@ -61,8 +63,9 @@ class BaseModelSpec:
             elif hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"):
                 embedding[module_name] = (module.num_embeddings, module.embedding_dim)
         architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         return cls(name=name, architecture=architectures[0], vocab_size=model.config.vocab_size,
-                   linear_shapes=linear, embedding_shapes=embedding)
+                   linear_shapes=linear, embedding_shapes=embedding, dtype=dtype)
 
     @property
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
@@ -89,28 +92,20 @@ class AdapterConfig(BaseModel):
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
 
-def check_allowed(path: str, allowed_prefixes: list[str]) -> None:
-    """Refuse a path outside every allowed prefix (no prefixes: anything is allowed).
+def check_allowed(path: str, allowed_prefixes: list[str]) -> Location:
+    """Where `path` really is, refused (403) when outside every allowed prefix (no prefixes: anywhere).
 
-    Local paths are compared after resolving symlinks and `..`; s3:// URIs segment by segment.
+    Path and prefixes are parsed by `tessera.store.uri` (percent-decoded once, `..` and `.` gone,
+    symlinks followed), and the caller reads the `Location` returned, never `path` again: what was
+    checked is what is read. A refusal is decided before anything is opened, so it says nothing
+    about whether a path outside exists.
     """
-    if not allowed_prefixes:
-        return
-    if path.startswith("s3://"):
-        parts = [p for p in path[len("s3://"):].split("/") if p not in ("", ".")]
-        if ".." not in parts:
-            for prefix in allowed_prefixes:
-                if prefix.startswith("s3://"):
-                    allowed = [p for p in prefix[len("s3://"):].split("/") if p]
-                    if parts[: len(allowed)] == allowed:
-                        return
-    else:
-        resolved = Path(os.path.realpath(path.removeprefix("file://")))
-        for prefix in allowed_prefixes:
-            if not prefix.startswith("s3://"):
-                root = Path(os.path.realpath(prefix.removeprefix("file://")))
-                if resolved == root or root in resolved.parents:
-                    return
+    try:
+        location = parse_uri(path).resolved()
+    except StoreError as error:
+        raise AdapterError(f"invalid lora_path: {error}", code="invalid_path") from None
+    if not allowed_prefixes or any(location.within(parse_uri(prefix).resolved()) for prefix in allowed_prefixes):
+        return location
     raise AdapterError(
         f"lora_path {path!r} is outside the allowed prefixes ({', '.join(allowed_prefixes)})",
         code="path_not_allowed",
@@ -118,25 +113,60 @@ def check_allowed(path: str, allowed_prefixes: list[str]) -> None:
     )
 
 
+def adapter_file(directory: Path, name: str) -> Path | None:
+    """`directory/name` if it is a regular file inside the directory, None when absent.
+
+    A link that leads outside the adapter directory is refused: it would make the server read
+    (and an error quote) a file the caller was never allowed to name.
+    """
+    path = directory / name
+    if not path.exists() and not path.is_symlink():
+        return None
+    real = Path(os.path.realpath(path))
+    if Path(os.path.realpath(directory)) not in real.parents or not real.is_file():
+        raise AdapterError(f"{name} is not a regular file inside the adapter directory", code="adapter_corrupt")
+    return real
+
+
 def read_adapter_files(directory: Path) -> tuple[AdapterConfig, dict[str, Any]]:
-    """The adapter's config and model card, refusing a directory that is not a PEFT adapter."""
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
+    """The adapter's config and model card, refusing a directory that is not a PEFT adapter.
+
+    Errors say which file and which field is wrong, never what the file holds.
+    """
+    config_path = adapter_file(directory, CONFIG_FILE)
+    if config_path is None:
         raise AdapterError(f"{directory} has no {CONFIG_FILE}: not a PEFT adapter directory", code="adapter_corrupt")
-    if not (directory / WEIGHTS_FILE).is_file():
+    if adapter_file(directory, WEIGHTS_FILE) is None:
         raise AdapterError(f"{directory} has no {WEIGHTS_FILE}", code="adapter_corrupt")
     try:
-        config = AdapterConfig.model_validate(json.loads(config_path.read_text()))
-    except (ValueError, ValidationError) as error:
-        raise AdapterError(f"{CONFIG_FILE} is not a valid PEFT LoRA config: {error}", code="adapter_corrupt") from None
+        raw = json.loads(config_path.read_bytes())
+    except ValueError as error:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON ({_json_problem(error)})",
+                           code="adapter_corrupt") from None
+    try:
+        config = AdapterConfig.model_validate(raw)
+    except ValidationError as error:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}"
+                           for e in error.errors(include_url=False, include_input=False, include_context=False))
+        raise AdapterError(f"{CONFIG_FILE} is not a valid PEFT LoRA config: {fields}", code="adapter_corrupt") from None
     card: dict[str, Any] = {}
-    card_path = directory / MODEL_CARD_FILE
-    if card_path.is_file():
+    card_path = adapter_file(directory, MODEL_CARD_FILE)
+    if card_path is not None:
         try:
-            card = json.loads(card_path.read_text())
+            card = json.loads(card_path.read_bytes())
         except ValueError as error:
-            raise AdapterError(f"{MODEL_CARD_FILE} is not valid JSON: {error}", code="adapter_corrupt") from None
+            raise AdapterError(f"{MODEL_CARD_FILE} is not valid JSON ({_json_problem(error)})",
+                               code="adapter_corrupt") from None
+        if not isinstance(card, dict):
+            raise AdapterError(f"{MODEL_CARD_FILE} must hold a JSON object", code="adapter_corrupt")
     return config, card
+
+
+def _json_problem(error: ValueError) -> str:
+    """Where a JSON document broke, never the text around it."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at line {error.lineno}, column {error.colno}"
+    return "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else type(error).__name__
 
 
 def weights_sha256(directory: Path) -> str:
@@ -295,9 +325,30 @@ def lora_scaling(config: AdapterConfig, module: str, rank: int) -> float:
     """PEFT's scaling for one module: alpha / r (alpha / sqrt(r) with rsLoRA), honouring alpha_pattern."""
     alpha = config.lora_alpha
     for pattern, value in config.alpha_pattern.items():
-        if re.match(rf"(.*\.)?(?:{pattern})$", module):
+        try:
+            matched = re.match(rf"(.*\.)?(?:{pattern})$", module)
+        except re.error as error:
+            raise AdapterError(f"alpha_pattern key {pattern!r} is not a regular expression ({error.msg})",
+                               code="adapter_corrupt") from None
+        if matched:
             alpha = value
     return alpha / (math.sqrt(rank) if config.use_rslora else rank)
+
+
+def scaled_pair(config: AdapterConfig, module: str, a: Any, b: Any, dtype: Any) -> tuple[Any, Any]:
+    """A and B × scaling as the server computes with them, refused unless every value is finite *after*
+    scaling and in the serving dtype: lora_alpha = 1e308 passes a check of the raw weights, not this one."""
+    import torch
+
+    scale = lora_scaling(config, module, a.shape[0])
+    a, b = a.float(), b.float() * scale
+    if not (math.isfinite(scale) and torch.isfinite(a.to(dtype)).all() and torch.isfinite(b.to(dtype)).all()):
+        raise AdapterError(
+            f"{module}: weights scaled by lora_alpha/r ({scale:g}) contain NaN or overflow "
+            f"{str(dtype).removeprefix('torch.')}",
+            code="adapter_corrupt",
+        )
+    return a, b
 
 
 @dataclass
@@ -351,12 +402,8 @@ def prepare_adapter(
     for key, tensor in tensors.items():
         module, which, _ = parse_lora_key(key)
         pairs.setdefault(module, {})[which] = tensor
-    modules = {}
-    for module, pair in pairs.items():
-        rank = pair["A"].shape[0]
-        if not (torch.isfinite(pair["A"]).all() and torch.isfinite(pair["B"]).all()):
-            raise AdapterError(f"{module}: weights contain NaN or infinity", code="adapter_corrupt")
-        modules[module] = (pair["A"].float(), pair["B"].float() * lora_scaling(config, module, rank))
+    dtype = base.dtype or torch.float32
+    modules = {module: scaled_pair(config, module, pair["A"], pair["B"], dtype) for module, pair in pairs.items()}
     rank = max(a.shape[0] for a, _ in modules.values())
     return PreparedAdapter(
         name=name,

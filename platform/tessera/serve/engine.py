@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
+from tessera.redact import redact
 from tessera.serve import metrics
 from tessera.serve.lora import AdapterWeights, LoraSlots
 from tessera.serve.sampling import SamplingParams, TokenLogprob, choice_generator, next_tokens
@@ -39,6 +40,7 @@ class EngineError(Exception):
     """A request could not be served; `status` and `code` become the HTTP error."""
 
     def __init__(self, message: str, *, status: int = 500, code: str = "internal_error") -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.status = status
@@ -489,12 +491,31 @@ class Engine:
         if not rows:
             return
         all_logits = torch.cat(logits)
-        tokens, reports = next_tokens(
+        sampled, reports = next_tokens(
             all_logits, [seq.request.params for seq in rows], [seq.generator for seq in rows]
         )
         metrics.BATCH_ROWS.observe(len(rows))
         metrics.STEP_SECONDS.observe(time.perf_counter() - started)
-        self._advance(rows, tokens, reports)
+        self._advance(rows, self._fail_unsampled(rows, sampled), reports)
+
+    def _fail_unsampled(self, rows: list[_Sequence], sampled: list[int | None]) -> list[int]:
+        """Fail, alone, each request with a row that could not be sampled; its rows end as cancelled.
+
+        Rows are independent in the forward pass (own KV cache, own adapter slot), so a row whose
+        scores overflowed says nothing about the others in the batch: they go on."""
+        tokens = []
+        for seq, token in zip(rows, sampled, strict=True):
+            if token is None and not seq.request.cancelled:
+                seq.request.cancelled = True
+                log.warning("request %s failed alone: non-finite scores on adapter %s", seq.request.id,
+                            seq.request.metric_label)
+                seq.request.sink(EngineError(
+                    "generation failed for this request: the model's scores were not finite (an adapter whose "
+                    "weights overflow?); other requests are not affected",
+                    status=500, code="generation_failed",
+                ))
+            tokens.append(self.pad_token_id if token is None else token)
+        return tokens
 
     def _advance(self, rows: list[_Sequence], tokens: list[int], reports: list[TokenLogprob | None]) -> None:
         deltas: dict[int, tuple[GenerationRequest, list[ChoiceDelta]]] = {}

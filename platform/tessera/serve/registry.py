@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
+from tessera.safe_yaml import safe_load
+from tessera.scratch import scratch_dir
 from tessera.serve import metrics
 from tessera.serve.adapters import (
     ADAPTER_NAME,
@@ -50,7 +50,7 @@ class AdapterSource(BaseModel):
 def read_adapters_file(path: Path) -> list[AdapterSource]:
     """Parse the adapters file; a bad file is refused whole, naming each bad entry."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise AdapterError(f"cannot read adapters file {path}: {error}", code="adapters_file_invalid") from None
     if isinstance(data, dict) and "adapters" in data:
@@ -103,8 +103,7 @@ class AdapterRegistry:
     def _prepare(self, name: str, source: str, sha256: str | None, task: str | None) -> PreparedAdapter:
         from tessera.store import fetch
 
-        workdir = Path(tempfile.mkdtemp(prefix="adapter-", dir=self.cache_dir))
-        try:
+        with scratch_dir("adapter", self.cache_dir) as workdir:
             try:
                 directory = fetch(source, workdir)
             except ObjectNotFoundError:
@@ -123,8 +122,6 @@ class AdapterRegistry:
                 )
             except (OSError, ValueError, RuntimeError) as error:  # unreadable files the checks did not foresee
                 raise AdapterError(f"cannot read the adapter at {source!r}: {error}", code="adapter_corrupt") from None
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
 
     async def load(self, name: str, source: str, sha256: str | None = None, task: str | None = None) -> AdapterRecord:
         """Fetch, check and install an adapter; the same name with a new source replaces it."""
@@ -135,17 +132,18 @@ class AdapterRegistry:
             )
         started = time.perf_counter()
         try:
-            check_allowed(source, self.allowed_prefixes)
+            # The checked location is what is fetched, now and on every reload: never `source` again.
+            location = str(check_allowed(source, self.allowed_prefixes))
             async with self._name_locks.setdefault(name, asyncio.Lock()):
                 loop = asyncio.get_running_loop()
-                prepared = await loop.run_in_executor(self._executor, self._prepare, name, source, sha256, task)
+                prepared = await loop.run_in_executor(self._executor, self._prepare, name, location, sha256, task)
                 await asyncio.wrap_future(self.engine.install(name, prepared.weights))
         except AdapterError as error:
             metrics.ADAPTER_LOAD_FAILURES.labels(error.code).inc()
             metrics.ADAPTER_LOAD_SECONDS.labels("failed").observe(time.perf_counter() - started)
             log.warning("refused adapter %s from %s: %s", name, source, error.message)
             raise
-        record = AdapterRecord(name, source, prepared.sha256, prepared.rank, prepared.task, prepared.base_model)
+        record = AdapterRecord(name, location, prepared.sha256, prepared.rank, prepared.task, prepared.base_model)
         self.records[name] = record
         metrics.ADAPTER_LOAD_SECONDS.labels("loaded").observe(time.perf_counter() - started)
         metrics.ADAPTERS_REGISTERED.set(len(self.records))

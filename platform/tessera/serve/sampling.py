@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,20 +54,43 @@ def filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
+def sample_row(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int | None:
+    """One token from one row of finite logits, or None when the row cannot be sampled.
+
+    The logits are shifted so their maximum is 0 *before* dividing by the temperature: every
+    scaled value is then <= 0 (at worst -inf, whose probability is 0) and the maximum stays 0, so
+    no accepted temperature, however small (1e-40, 5e-324), can make a NaN or an infinite sum.
+    """
+    if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(top_p) and 0 < top_p <= 1):
+        return None
+    # float64: a temperature is a Python float, and e.g. 5e-324 would round to 0 in float32.
+    shifted = logits.double() - logits.max().double()
+    probs = filter_top_p(torch.softmax(shifted / temperature, dim=-1), top_p)
+    if not torch.isfinite(probs).all():
+        return None
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
 def next_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row of `logits` (rows, vocab), each row by its own parameters."""
+) -> tuple[list[int | None], list[TokenLogprob | None]]:
+    """One token per row of `logits` (rows, vocab), each row by its own parameters.
+
+    Rows are independent: a row whose logits are not all finite (an adapter whose weights
+    overflow) or that cannot be sampled gets None and no report, and the others are unaffected.
+    """
     logits = logits.float()
-    chosen = logits.argmax(dim=-1).tolist()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    chosen: list[int | None] = logits.argmax(dim=-1).tolist()
     for row, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
-        if row_params.greedy:
-            continue
-        probs = torch.softmax(logits[row] / row_params.temperature, dim=-1)
-        probs = filter_top_p(probs, row_params.top_p)
-        chosen[row] = int(torch.multinomial(probs, 1, generator=generator).item())
+        if not finite[row]:
+            chosen[row] = None
+        elif not row_params.greedy:
+            chosen[row] = sample_row(logits[row], row_params.temperature, row_params.top_p, generator)
     reports: list[TokenLogprob | None] = [None] * len(params)
-    wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
+    wanted = [row for row, p in enumerate(params) if p.logprobs is not None and chosen[row] is not None]
     if wanted:
         logprobs = torch.log_softmax(logits[wanted], dim=-1)
         k = max(params[row].logprobs or 0 for row in wanted)

@@ -9,11 +9,9 @@ The rules for keys, directories and atomic publish are in `tessera.store.keys`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
-from tessera.errors import ObjectNotFoundError, StoreError
+from tessera.errors import ObjectNotFoundError
 from tessera.store.base import ObjectInfo, Progress, Store
 from tessera.store.keys import (
     COMPLETE_MARKER,
@@ -22,16 +20,17 @@ from tessera.store.keys import (
     join_key,
     local_manifest,
     manifest_digest,
-    normalize_key,
 )
 from tessera.store.local import LocalStore
 from tessera.store.retry import RetryPolicy
 from tessera.store.s3 import S3Config, S3Store
+from tessera.store.uri import Location, parse_uri
 
 __all__ = [
     "COMPLETE_MARKER",
     "INCOMPLETE_MARKER",
     "AlreadyPublishedError",
+    "Location",
     "LocalStore",
     "ObjectInfo",
     "Progress",
@@ -45,48 +44,38 @@ __all__ = [
     "local_manifest",
     "manifest_digest",
     "open_store",
+    "parse_uri",
     "push",
 ]
 
 
-def is_remote(uri: str | Path) -> bool:
-    return str(uri).startswith("s3://")
+def is_remote(uri: str | Path | Location) -> bool:
+    return uri.is_remote if isinstance(uri, Location) else str(uri).startswith("s3://")
 
 
-def open_store(uri: str | Path, *, retry: RetryPolicy | None = None) -> tuple[Store, str]:
-    """The store a URI lives in and the key inside it.
+def open_store(uri: str | Path | Location, *, retry: RetryPolicy | None = None) -> tuple[Store, str]:
+    """The store a URI lives in and the key inside it (the URI is parsed by `tessera.store.uri`).
 
     `s3://bucket/prefix` → (S3Store(bucket) configured from the environment, "prefix");
     `file:///abs/path` or a plain path → (LocalStore("/"), "abs/path"): a local key is the
     absolute path without its leading '/', so `store.uri(key)` gives back a `file://` URI.
     """
-    text = str(uri)
-    if text.startswith("s3://"):
-        bucket, _, key = text[len("s3://"):].partition("/")
-        if not bucket:
-            raise StoreError(f"{text!r}: an s3:// URI needs a bucket (s3://bucket/prefix)")
-        return S3Store(bucket, retry=retry), normalize_key(key)
-    if text.startswith("file://"):
-        parts = urlsplit(text)
-        if parts.netloc not in ("", "localhost"):
-            raise StoreError(f"{text!r}: file:// URIs must be local (file:///absolute/path)")
-        path = Path(unquote(parts.path))
-    elif "://" in text:
-        raise StoreError(f"{text!r}: unsupported store URI; use s3://bucket/prefix, file:///path or a path")
-    else:
-        path = Path(text).expanduser()
-    # abspath, not Path.absolute: `../data/x.csv` must become a key without '..'.
-    return LocalStore("/"), normalize_key(Path(os.path.abspath(path)).as_posix())
+    location = parse_uri(uri)
+    if location.is_remote:
+        return S3Store(location.bucket, retry=retry), location.key
+    return LocalStore("/"), location.key
 
 
 def fetch(uri: str | Path, dest_dir: str | Path, *, progress: Progress | None = None) -> Path:
     """Make a file or directory URI local. A local path is returned as it is (no copy); a remote
     object lands in `dest_dir/<name>`, a remote directory's files in `dest_dir`."""
-    store, key = open_store(uri)
+    location = parse_uri(uri)
+    store, key = open_store(location)
     local = store.local_path(key)
     if local is not None:
         if not local.exists():
             raise ObjectNotFoundError(f"{store.uri(key)} does not exist")
+        location.resolved()  # refuses /proc, /sys and /dev, also behind a symlink
         return local
     if store.stat(key) is not None:
         return store.get_file(key, Path(dest_dir) / key.rsplit("/", 1)[-1], progress=progress)

@@ -115,10 +115,6 @@ class Store(ABC):
         """Every object under `prefix` ('' or ending in '/'), markers included; missing root raises."""
 
     @abstractmethod
-    def _children(self, prefix: str) -> list[str]:
-        """Objects directly under `prefix`, and sub-directories as `prefix/name/`."""
-
-    @abstractmethod
     def _stat(self, key: str) -> int | None:
         """Size of object `key`, or None when no object has that exact key."""
 
@@ -178,16 +174,16 @@ class Store(ABC):
     def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
         """Keys under a directory (full keys, sorted). Non-recursive: sub-directories end in '/'.
 
-        A prefix that names one object lists that object. Incomplete publishes and markers are
-        hidden (for a non-recursive listing: when the listed directory itself is incomplete).
+        A prefix that names one object lists that object. Markers and incomplete publishes are
+        hidden, at any depth: a non-recursive listing is derived from the same visible keys, so a
+        sub-directory whose only content is an interrupted publish is not shown either.
         """
         key = normalize_key(prefix)
-        if recursive:
-            keys = visible_keys(info.key for info in self._walk(dir_prefix(key)))
-        else:
-            children = self._children(dir_prefix(key))
-            incomplete = self._is_incomplete(dir_prefix(key), children)
-            keys = [] if incomplete else [child for child in children if not is_marker(child)]
+        base = dir_prefix(key)
+        keys = visible_keys(info.key for info in self._walk(base))
+        if not recursive:
+            keys = sorted({base + rest.split("/", 1)[0] + ("/" if "/" in rest else "")
+                           for rest in (k[len(base):] for k in keys)})
         if not keys and self.stat(key) is not None:
             keys = [key]
         return sorted(keys)
@@ -320,11 +316,6 @@ class Store(ABC):
         objects = self._walk(prefix)
         shown = set(visible_keys(info.key for info in objects))
         return [info for info in objects if info.key in shown]
-
-    @staticmethod
-    def _is_incomplete(prefix: str, keys: Iterable[str]) -> bool:
-        names = set(keys)
-        return prefix + INCOMPLETE_MARKER in names and prefix + COMPLETE_MARKER not in names
 
     def _read_complete(self, prefix: str) -> dict | None:
         try:

@@ -35,10 +35,12 @@ class AlreadyPublishedError(StoreError):
 
 
 def normalize_key(key: str) -> str:
-    """`a//b/./c/` → `a/b/c`; refuses `..` so that no key escapes its store."""
+    """`a//b/./c/` → `a/b/c`; refuses `..` so that no key escapes its store, and NUL characters."""
     parts = [part for part in str(key).split("/") if part not in ("", ".")]
     if ".." in parts:
         raise StoreError(f"invalid key {key!r}: '..' is not allowed in a store key")
+    if "\x00" in key:
+        raise StoreError("invalid key: it contains a NUL character")
     return "/".join(parts)
 
 

@@ -9,12 +9,11 @@ for readers. Temporary names start with `.tessera-` and are never listed.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tessera.errors import ObjectNotFoundError, StoreError
+from tessera.scratch import scratch_dir
 from tessera.store.base import ObjectInfo, Progress, Store, read_chunks, write_atomically
 from tessera.store.keys import (
     COMPLETE_MARKER,
@@ -80,20 +79,6 @@ class LocalStore(Store):
                     found.append(ObjectInfo(base + name, Path(current, name).stat().st_size))
         return sorted(found, key=lambda info: info.key)
 
-    def _children(self, prefix: str) -> list[str]:
-        directory = self._path(prefix.rstrip("/"))
-        if not directory.is_dir():
-            return []
-        children = []
-        for entry in os.scandir(directory):
-            if entry.name.startswith(TEMP_PREFIX):
-                continue
-            if entry.is_file():
-                children.append(prefix + entry.name)
-            elif entry.is_dir() and self._walk(f"{prefix}{entry.name}/"):
-                children.append(f"{prefix}{entry.name}/")
-        return sorted(children)
-
     def _stat(self, key: str) -> int | None:
         path = self._path(key)
         return path.stat().st_size if key and path.is_file() else None
@@ -106,9 +91,8 @@ class LocalStore(Store):
         if not prefix:
             raise StoreError(f"refusing to delete the whole store {self.uri('')}")
         directory = self._path(prefix.rstrip("/"))
-        trash = directory.parent / f"{TEMP_PREFIX}trash-{uuid.uuid4().hex[:12]}-{directory.name}"
-        os.rename(directory, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        with scratch_dir("trash", directory.parent, prefix=TEMP_PREFIX) as trash:
+            os.rename(directory, trash / directory.name)
 
     # ---- atomic publish ----
 
@@ -119,10 +103,9 @@ class LocalStore(Store):
             raise StoreError("cannot publish to the root of a store: name a directory")
         final = self._path(key)
         self._refuse_taken(key, final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = final.parent / f"{TEMP_PREFIX}publish-{uuid.uuid4().hex[:12]}-{final.name}"
-        staging.mkdir()
-        try:
+        # The staging directory is locked while in use, and a publish killed midway leaves one that
+        # the next publish (or delete) beside it reaps.
+        with scratch_dir("publish", final.parent, prefix=TEMP_PREFIX) as staging:
             if progress:
                 progress.begin(sum(path.stat().st_size for path in files.values()))
             manifest = {
@@ -137,8 +120,6 @@ class LocalStore(Store):
                 # Someone else got there first (rename refuses a non-empty target).
                 self._refuse_taken(key, final)
                 raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return manifest
 
     def _refuse_taken(self, key: str, final: Path) -> None:

@@ -83,6 +83,10 @@ class S3Config(BaseModel):
     def from_env(cls, env: Mapping[str, str] = os.environ) -> S3Config:
         raw = env.get("S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or DEFAULT_ENDPOINT
         secure = _flag(env, "S3_USE_HTTPS", True)
+        if "@" in raw:
+            # Not echoed: the part before '@' is a user name and password.
+            raise StoreError("S3_ENDPOINT must not hold credentials (user:password@): put them in "
+                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         if "://" in raw:
             parts = urlsplit(raw)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
@@ -309,12 +313,6 @@ class S3Store(Store):
 
         return self._call("list", prefix, listing)
 
-    def _children(self, prefix: str) -> list[str]:
-        def listing() -> list[str]:
-            return [o.object_name for o in self._client.list_objects(self.bucket, prefix=prefix or None)]
-
-        return self._call("list", prefix, listing)
-
     def _stat(self, key: str) -> int | None:
         try:
             return self._call("stat", key, lambda: self._client.stat_object(self.bucket, key)).size
@@ -373,10 +371,16 @@ class S3Store(Store):
             raise StoreError(f"{self.uri(key)} already exists and is not a publish: delete it or pick another name")
         publish_id = uuid.uuid4().hex
         self._put_bytes(base + INCOMPLETE_MARKER, f'{{"publishId": "{publish_id}"}}'.encode())
+        # What an interrupted publish left: its files, and multipart uploads a SIGKILL never aborted.
         self._delete_keys([k for k in existing if k != base + INCOMPLETE_MARKER])
+        self._abort_uploads(base)
         if progress:
             progress.begin(sum(path.stat().st_size for path in files.values()))
-        manifest = {rel: self._put_file(path, join_key(key, rel), progress) for rel, path in files.items()}
+        try:
+            manifest = {rel: self._put_file(path, join_key(key, rel), progress) for rel, path in files.items()}
+        except BaseException:
+            self._clear_failed_publish(base)
+            raise
         marker = complete_marker(manifest, publish_id, datetime.now(timezone.utc).isoformat())
         if not self._create_exclusive(base + COMPLETE_MARKER, marker):
             winner = parse_complete_marker(self._get_bytes(base + COMPLETE_MARKER), self.uri(base + COMPLETE_MARKER))
@@ -385,6 +389,39 @@ class S3Store(Store):
                 raise AlreadyPublishedError(f"{self.uri(key)} was published by someone else meanwhile")
         self._delete_keys([base + INCOMPLETE_MARKER])
         return manifest
+
+    def _clear_failed_publish(self, base: str) -> None:
+        """Best effort after a failed upload: abort its multipart uploads and delete its files, the
+        `_INCOMPLETE` marker last (until then readers treat the prefix as absent). If the store is
+        down this fails too, and the next publish to the prefix clears it."""
+        try:
+            self._abort_uploads(base)
+            self._delete_keys([info.key for info in self._walk(base) if info.key != base + INCOMPLETE_MARKER])
+            self._delete_keys([base + INCOMPLETE_MARKER])
+        except StoreError:
+            pass
+
+    def _abort_uploads(self, prefix: str) -> int:
+        """Abort every multipart upload in progress under `prefix`: unfinished parts are stored (and
+        billed) but never listed. minio-py aborts its own on an exception; a killed process cannot."""
+
+        def abort() -> int:
+            aborted, key_marker, upload_marker = 0, None, None
+            while True:
+                result = self._client._list_multipart_uploads(
+                    self.bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_marker)
+                for upload in result.uploads:
+                    try:
+                        self._client._abort_multipart_upload(self.bucket, upload.object_name, upload.upload_id)
+                        aborted += 1
+                    except S3Error as error:
+                        if error.code != "NoSuchUpload":  # finished or aborted meanwhile
+                            raise
+                if not result.is_truncated or not result.next_key_marker:
+                    return aborted
+                key_marker, upload_marker = result.next_key_marker, result.next_upload_id_marker
+
+        return self._call("abort uploads under", prefix, abort)
 
 
 def _short(error: BaseException) -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tessera.api import FineTuneJob, paths
 from tessera.errors import TesseraError
-from tessera.store import manifest_digest, open_store
+from tessera.scratch import scratch_dir
+from tessera.store import local_manifest, manifest_digest, open_store
 from tessera.train.artifacts import JobArtifacts
 from tessera.train.checkpoint import ADAPTER_DIR, load_state
 
@@ -117,6 +117,28 @@ def _stage_adapter(artifacts: JobArtifacts, checkpoint: str, job: FineTuneJob, t
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def _own_published_version(
+    artifacts: JobArtifacts, job: FineTuneJob, checkpoint: str, weights_sha: str
+) -> tuple[str, dict[str, Any]] | None:
+    """(version, model card) of a complete publish of this job's `checkpoint` with these weights, if any.
+
+    Only complete publishes are listed (an interrupted one is invisible and gets published over)."""
+    store = artifacts.store
+    root = artifacts.key(paths.adapter_prefix(job.metadata.namespace, job.adapter_name, ""))
+    lineage = {"job": f"{job.metadata.namespace}/{job.metadata.name}", "uid": job.metadata.uid,
+               "checkpoint": checkpoint}
+    versions = [job.spec.output.version] if job.spec.output.version else [
+        entry.rstrip("/").rsplit("/", 1)[-1] for entry in store.list(root, recursive=False) if entry.endswith("/")]
+    for version in versions:
+        prefix = f"{root}/{version}"
+        if not store.is_published(prefix):
+            continue
+        card = store.get_json(f"{prefix}/{MODEL_CARD}")
+        if card.get("lineage") == lineage and store.manifest(prefix).get(WEIGHTS_FILE) == weights_sha:
+            return version, card
+    return None
+
+
 def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, Any]:
     """Publish the evaluated adapter of `job`; returns the `published.json` record."""
     from tessera.data import load_prepared
@@ -146,21 +168,31 @@ def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, A
     dataset_manifest = load_prepared(job, store).manifest
 
     now = now or datetime.now(timezone.utc)
-    version = job.spec.output.version or default_version(now)
-    prefix = paths.adapter_prefix(job.metadata.namespace, job.adapter_name, version)
-    with tempfile.TemporaryDirectory(prefix="tessera-publish-") as scratch:
-        staged = Path(scratch) / "adapter"
+    with scratch_dir("publish") as scratch:
+        staged = scratch / "adapter"
         _stage_adapter(artifacts, checkpoint, job, staged)
-        card = model_card(job, version=version, created_at=now, report=report, checkpoint=checkpoint, state=state,
-                          dataset_manifest=dataset_manifest, base_digest=base_model_digest(job.spec.base_model.uri))
-        (staged / MODEL_CARD).write_text(json.dumps(card, indent=2))
-        manifest = store.publish_dir(staged, artifacts.key(prefix))
+        weights_sha = local_manifest(staged)[WEIGHTS_FILE]
+        # A rerun after a publish whose record was lost (killed between the two writes) finds its
+        # own version and records it, instead of refusing ("already published") or publishing twice.
+        adopted = _own_published_version(artifacts, job, checkpoint, weights_sha)
+        if adopted is not None:
+            version, card = adopted
+            prefix = paths.adapter_prefix(job.metadata.namespace, job.adapter_name, version)
+            log.info("%s was already published as %s; recording it", job.metadata.name, artifacts.uri(prefix))
+        else:
+            version = job.spec.output.version or default_version(now)
+            prefix = paths.adapter_prefix(job.metadata.namespace, job.adapter_name, version)
+            card = model_card(job, version=version, created_at=now, report=report, checkpoint=checkpoint,
+                              state=state, dataset_manifest=dataset_manifest,
+                              base_digest=base_model_digest(job.spec.base_model.uri))
+            (staged / MODEL_CARD).write_text(json.dumps(card, indent=2))
+            store.publish_dir(staged, artifacts.key(prefix))
 
     record = {
         "name": job.adapter_name,
         "version": version,
         "uri": artifacts.uri(prefix),
-        "sha256": manifest[WEIGHTS_FILE],
+        "sha256": weights_sha,
         "baseModel": {"uri": job.spec.base_model.uri, "name": job.spec.base_model.name},
         "task": job.spec.dataset.task,
         "rank": job.spec.lora.rank,
