@@ -17,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serve.helpers import MAX_LORA_RANK, MAX_LORAS, S3_BUCKET, TINY_NAME, s3_environment
+from tests.serve.helpers import BASE_NAME, MAX_LORA_RANK, MAX_LORAS, S3_BUCKET, TINY_NAME, s3_environment
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def metric_samples(server) -> dict[tuple[str, tuple], float]:
 
 def test_models_lists_base_and_startup_adapters(client, server):
     ids = [model.id for model in client.models.list()]
-    assert ids[0] == TINY_NAME and "startup" in ids
+    assert ids[0] == BASE_NAME and "startup" in ids
     status, body = server.get("/v1/models")  # KServe v1 clients read `models` from the same document
     assert status == 200 and b'"models"' in body
     assert client.models.retrieve("startup").id == "startup"
@@ -184,7 +184,7 @@ def test_unload_then_404_in_openai_shape(client, server, adapters):
     assert caught.value.body == {"message": "The model `temporary` does not exist.", "type": "invalid_request_error",
                                  "param": "model", "code": "model_not_found"}
     status, body = server.post("/v1/unload_lora_adapter", {"lora_name": "temporary"})
-    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert status == 404 and body["error"]["message"] == "The lora adapter 'temporary' cannot be found."
     assert "temporary" not in [m.id for m in client.models.list()]
     assert server.get("/v2/models/temporary/ready")[0] == 404
 
@@ -304,7 +304,7 @@ def test_kserve_v1_v2_classification_and_health(server, adapters):
 
 
 def test_metrics_per_adapter(client, server, adapters):
-    assert load(server, "positive", adapters["positive"])[0] == 200
+    assert load(server, "positive", adapters["positive"], load_inplace=True)[0] == 200
     before = metric_samples(server)
     greedy(client, "positive", max_tokens=5)
     after = metric_samples(server)
