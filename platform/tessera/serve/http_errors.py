@@ -33,17 +33,24 @@ def is_kserve_route(path: str) -> bool:
 
 
 def _validation_error(error: RequestValidationError) -> ServeError:
-    problems, param = [], None
+    """One message naming each field at fault. For a field of several accepted types (a prompt is a
+    text or a list), the reason a value of the right kind was refused wins over "should be a list"."""
+    by_field: dict[str, list[tuple[str, str]]] = {}
     for item in error.errors():
-        location = [str(p) for p in item["loc"] if p != "body"]
         if item["type"] == "json_invalid":
             # FastAPI puts the character position where the field name would be.
             reason = (item.get("ctx") or {}).get("error", "invalid JSON")
-            problems.append(f"the request body is not valid JSON: {reason} (at character {location[-1]})"
-                            if location else f"the request body is not valid JSON: {reason}")
-            continue
-        param = param or ".".join(location) or None
-        problems.append(f"{'.'.join(location)}: {item['msg']}" if location else item["msg"])
+            position = item["loc"][-1] if len(item["loc"]) > 1 else "?"
+            return ServeError(f"the request body is not valid JSON: {reason} (at character {position})",
+                              code="invalid_json")
+        # Leave out pydantic's names of union members, e.g. `function-after[...]`, `list[int]`.
+        field = ".".join(str(p) for p in item["loc"] if p != "body" and "[" not in str(p))
+        by_field.setdefault(field, []).append((item["type"], item["msg"].removeprefix("Value error, ")))
+    problems = []
+    for field, reasons in by_field.items():
+        chosen = [msg for kind, msg in reasons if kind == "value_error"] or [msg for _, msg in reasons]
+        problems.append(f"{field}: {'; '.join(dict.fromkeys(chosen))}" if field else "; ".join(chosen))
+    param = next((field for field in by_field if field), None)
     return ServeError("; ".join(problems) or "invalid request", code="invalid_request", param=param)
 
 
@@ -109,7 +116,7 @@ class limit_body_size:  # noqa: N801 - used as a middleware factory: app.add_mid
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             error = _too_large(self.max_bytes)
-            log.info("%s %s -> 413: %s", scope["method"], scope["path"], error.message)
+            log.info("%s %s -> 413 %s: %s", scope["method"], scope["path"], error.code, error.message)
             await error_response(scope["path"], error)(scope, receive, send)
             return
         received = 0

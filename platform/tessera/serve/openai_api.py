@@ -241,6 +241,8 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client goes away first: an abandoned request's rows leave
     the batch instead of generating for no one."""
     task = asyncio.ensure_future(work)
+    # A cancelled gather ends with CancelledError as its exception: taken here, never logged as unretrieved.
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
