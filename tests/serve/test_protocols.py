@@ -178,6 +178,9 @@ def test_openai_sdk_details(client, server, tokenizer):
     assert first.logprobs.token_logprobs[:-1] == pytest.approx(choice.logprobs.token_logprobs[:], abs=1e-4)
     assert short.logprobs.token_logprobs[:5] == pytest.approx(choice.logprobs.token_logprobs[:5], abs=1e-4)
     assert first.text == tokenizer.decode(prompt_ids) + greedy(client, "startup", max_tokens=1)
+    streamed = client.completions.create(model="startup", prompt=PROMPT, max_tokens=3, echo=True, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == PROMPT + greedy(client, "startup", max_tokens=3)
 
     # logprobs 0: each position still names its own token, as vLLM does.
     zero = client.completions.create(model="startup", prompt=PROMPT, max_tokens=4, logprobs=0, temperature=0)
@@ -211,6 +214,15 @@ def test_request_limits_are_clear_4xx(client, server):
     start = server.log.stat().st_size
     too_big = raw_post(server, "/v1/completions", b'{"model": "startup", "prompt": "' + b"x" * (5 << 20) + b'"}')
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"model": "startup", "prompt": "'
+        for _ in range(5):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    chunked = httpx.post(f"{server.url}/v2/models/startup/infer", content=chunks(), timeout=60)
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]
     with pytest.raises(openai.BadRequestError) as caught:  # refused by its length, before it is tokenized
         client.completions.create(model="startup", prompt="word " * 600_000, max_tokens=2)
     assert caught.value.body["code"] == "context_length_exceeded" and caught.value.body["param"] == "prompt"

@@ -54,10 +54,21 @@ def _validation_error(error: RequestValidationError) -> ServeError:
     return ServeError("; ".join(problems) or "invalid request", code="invalid_request", param=param)
 
 
+class BodyTooLarge(HTTPException):
+    """Raised while a body arrives: an HTTPException, because FastAPI turns any other exception raised
+    while it reads a body into a 400."""
+
+    def __init__(self, error: ServeError) -> None:
+        super().__init__(error.status, error.message)
+        self.error = error
+
+
 def as_serve_error(error: BaseException) -> ServeError:
     """Every exception a request can end with, as the boundary's one error type."""
     if isinstance(error, ServeError):
         return error
+    if isinstance(error, BodyTooLarge):
+        return error.error
     if isinstance(error, RequestValidationError):
         return _validation_error(error)
     if isinstance(error, InvalidInput):
@@ -127,7 +138,7 @@ class limit_body_size:  # noqa: N801 - used as a middleware factory: app.add_mid
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _too_large(self.max_bytes)  # answered by `handle`, in the route's shape
+                    raise BodyTooLarge(_too_large(self.max_bytes))  # answered by `handle`, in the route's shape
             return message
 
         await self.app(scope, counted, send)
