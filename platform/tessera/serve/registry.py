@@ -156,10 +156,10 @@ class AdapterRegistry:
             )
         started = time.perf_counter()
         try:
-            check_allowed(source, self.allowed_prefixes)
             async with self._name_locks.setdefault(name, asyncio.Lock()):
-                if name in self.records and not inplace:
+                if name in self.records and not inplace:  # vLLM's first check, before the path's
                     raise already_loaded(name)
+                check_allowed(source, self.allowed_prefixes)
                 loop = asyncio.get_running_loop()
                 prepared = await loop.run_in_executor(self._executor, self._prepare, name, source, sha256, task)
                 await asyncio.wrap_future(self.engine.install(name, prepared.weights))
