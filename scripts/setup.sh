@@ -10,3 +10,4 @@ pip install -q torch==2.13.0
 pip install -q --no-build-isolation -c constraints.txt deepspeed
 pip install -q -c constraints.txt -e ".[all]"
 bash scripts/fetch-tools.sh
+bash scripts/fetch-model.sh

@@ -12,7 +12,7 @@ from typing import Any
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_NAME = "tessera/tiny-llama"  # the tiny model's upstream name: adapters are checked against it
-BASE_NAME = "tiny-llama"  # the name `tessera serve` gives it by default: KServe routes can address it
+BASE_NAME = "tiny-llama"  # its name on KServe routes (which cannot address a slash); OpenAI routes take it too
 S3_BUCKET = "serve-adapters"
 MAX_LORA_RANK = 16
 MAX_LORAS = 4

@@ -128,7 +128,7 @@ def test_kserve_client_and_repository_round_trip(client, server, adapters):
     assert client.completions.create(model="ks-negative", prompt=PROMPT, max_tokens=2).choices  # OpenAI routes too
     assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
     assert base_unload.status_code == 400 and set(base_unload.json()) == {"error"}
-    assert greedy(client, TINY_NAME) == greedy(client, BASE_NAME)  # the upstream name is an alias on OpenAI routes
+    assert greedy(client, TINY_NAME) == greedy(client, BASE_NAME)  # KServe's name for the base works on OpenAI's too
 
 
 def test_kserve_errors_are_kserve_shaped_4xx_without_tracebacks(server, adapters):
@@ -257,7 +257,7 @@ def test_readme_serving_commands_as_written(server, adapters, tmp_path):
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = re.search(r"## Serving.*?```bash\n(.*?)```", readme, re.S).group(1)
-    commands = block.split("\n", 2)[2]  # after `tessera model init-tiny` and `tessera serve` (the fixture's)
+    commands = "\n".join(line for line in block.splitlines() if not line.startswith("tessera "))  # the fixture's
     host = server.url.removeprefix("http://")
     script = (commands.replace("localhost:8080", host).replace("127.0.0.1:8080", host)
               .replace(".tessera/store/adapters/default/tfns-sentiment/<version>", str(adapters["positive"])))

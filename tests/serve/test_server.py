@@ -17,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serve.helpers import BASE_NAME, MAX_LORA_RANK, MAX_LORAS, S3_BUCKET, TINY_NAME, s3_environment
+from tests.serve.helpers import MAX_LORA_RANK, MAX_LORAS, S3_BUCKET, TINY_NAME, s3_environment
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def metric_samples(server) -> dict[tuple[str, tuple], float]:
 
 def test_models_lists_base_and_startup_adapters(client, server):
     ids = [model.id for model in client.models.list()]
-    assert ids[0] == BASE_NAME and "startup" in ids
+    assert ids[0] == TINY_NAME and "startup" in ids
     status, body = server.get("/v1/models")  # KServe v1 clients read `models` from the same document
     assert status == 200 and b'"models"' in body
     assert client.models.retrieve("startup").id == "startup"

@@ -42,6 +42,11 @@ def test_sentiment_prompt_is_fingpt_style_and_completion_is_the_label():
         ("moderately bullish", "positive"),
         ("Strongly bearish on the stock", "negative"),
         ("negative, then positive later", "negative"),
+        # A chatty base echoes the choices first: the echo is not its answer.
+        ("Choosing from {negative/neutral/positive}, the sentiment of this news is positive.", "positive"),
+        ("Negative, neutral or positive? It is neutral.", "neutral"),
+        ("The sentiment of this financial news is Neutral", "neutral"),
+        ("Bullish.", "positive"),
         ("", None),
         ("I cannot tell", None),
         ("positively", None),
@@ -112,7 +117,8 @@ def test_headline_long_rows_and_missing_questions():
 @pytest.mark.parametrize(
     ("generated", "label"),
     [("Yes", "yes"), ("no,", "no"), ("YES.", "yes"), ("The answer is no.", "no"),
-     ('{"answer": "Yes"}', "yes"), ("None of them", None), ("not sure", None), ("True", "yes")],
+     ('{"answer": "Yes"}', "yes"), ("None of them", None), ("not sure", None), ("True", "yes"),
+     ("Yes/No: No, it talks about the past.", "no")],
 )
 def test_headline_parses_yes_no(generated, label):
     assert get_task("headline").parse(generated) == label

@@ -26,7 +26,7 @@ job_commands.register(app)
 serve_commands.register(app)
 render_commands.register(app)
 app.add_typer(store_commands.app, name="store", help="List, copy and delete artifacts (s3:// or a directory).")
-app.add_typer(model_commands.app, name="model", help="Build the tiny base model; upload a base model to the store.")
+app.add_typer(model_commands.app, name="model", help="Tiny model, GGUF import, upload to the store.")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`tessera model`: build the tiny base model, or bring a Hugging Face model directory into the store."""
+"""`tessera model`: build the tiny base model, import a GGUF file, bring a model directory into the store."""
 
 from __future__ import annotations
 
@@ -26,6 +26,24 @@ def init_tiny_command(
 
     path = init_tiny(directory, seed=seed)
     typer.echo(f"tiny model ready at {path}")
+
+
+@app.command("import")
+def import_command(
+    source: Path = typer.Argument(..., help="A GGUF file (llama.cpp LLaMA, Mistral or Qwen model)."),
+    directory: Path = typer.Argument(..., help="Where to write the Hugging Face model directory."),
+    name: str = typer.Option(
+        None, help="The upstream name (e.g. HuggingFaceTB/SmolLM2-135M-Instruct); adapters are checked against it."
+    ),
+    dtype: str = typer.Option("bfloat16", help="Dtype of the saved weights (bfloat16, float16, float32)."),
+) -> None:
+    """Convert a GGUF file into a Hugging Face model directory (dequantized). Kept if already imported."""
+    from tessera.model.gguf import import_gguf
+
+    path = import_gguf(source, directory, name=name, dtype=dtype)
+    from tessera.model import base_model_name
+
+    typer.echo(f"imported {source.name} into {path} (name: {base_model_name(path) or 'unnamed'})")
 
 
 @app.command("upload")

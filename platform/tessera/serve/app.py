@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 class ServeSettings(BaseModel):
     model: str = Field(description="Base model: store URI (s3://...) or Hugging Face model directory.")
     served_model_name: str | None = Field(
-        None, description="Name of the base in requests; default: the last part of its own name (KServe routes "
-                          "cannot address a slash); its full upstream name is accepted on the OpenAI routes too.")
+        None, description="Name of the base in requests; default: its own (upstream) name. KServe routes, which "
+                          "cannot address a slash, know it by the last part of the name.")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     adapters_file: Path | None = None
@@ -86,8 +86,7 @@ def build_server(settings: ServeSettings) -> Server:
         if own_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
         raise
-    upstream_name = base.name or base.directory.name
-    served_name = settings.served_model_name or upstream_name.rsplit("/", 1)[-1]
+    served_name = settings.served_model_name or base.name or base.directory.name
     spec = BaseModelSpec.of(base.model, base.name)
     lora = LoraSlots(base.model, settings.max_loras + 1, base.dtype, base.device)
     engine = Engine(
@@ -105,8 +104,7 @@ def build_server(settings: ServeSettings) -> Server:
     )
     limits = RequestLimits(max_request_bytes=settings.max_request_bytes, max_prompts=settings.max_prompts,
                            max_request_tokens=settings.max_request_tokens)
-    aliases = (upstream_name,) if upstream_name != served_name else ()
-    service = ModelService(base, engine, registry, served_name, aliases, limits)
+    service = ModelService(base, engine, registry, served_name, limits)
 
     async def load_startup_adapters() -> None:
         # A bad entry or file is logged and skipped: a replica that never became ready because of

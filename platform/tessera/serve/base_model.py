@@ -76,11 +76,13 @@ def load_base(
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from tessera.model import base_model_name
+    from tessera.model.gguf import as_hf_directory
     from tessera.store import fetch
     from tessera.store.progress import TqdmProgress
 
     with TqdmProgress("fetch base model") as progress:
         directory = fetch(uri, cache_dir / "base-model", progress=progress)
+    directory = as_hf_directory(Path(directory), cache_dir / "converted")
     if not (directory / "config.json").is_file():
         raise BaseModelError(f"{uri} is not a Hugging Face model directory (no config.json)")
     cuda = torch.cuda.is_available()

@@ -113,7 +113,7 @@ class ServedModel(Model):
         return encode_prompt(example, tokenizer)
 
     async def predict(self, payload: dict[str, Any] | InferRequest | bytes, headers: dict[str, str] | None = None):
-        adapter = None if self.name == self.service.served_name else self.name
+        adapter = None if self.name == self.service.kserve_name else self.name
         record = self.service.registry.get(adapter) if adapter else None
         if adapter and record is None:
             raise ModelNotFound(self.name)
@@ -166,7 +166,7 @@ class RegistryView(ModelRepository):
         self.service = service
 
     def get_model(self, name: str) -> ServedModel | None:
-        if name != self.service.served_name and self.service.registry.get(name) is None:
+        if name != self.service.kserve_name and self.service.registry.get(name) is None:
             self.models.pop(name, None)
             return None
         model = self.models.get(name)
@@ -175,7 +175,7 @@ class RegistryView(ModelRepository):
         return model
 
     def get_models(self) -> dict[str, ServedModel]:
-        return {name: self.get_model(name) for name in self.service.model_names()}
+        return {name: self.get_model(name) for name in self.service.kserve_names()}
 
 
 class RegistryExtension(ModelRepositoryExtension):
@@ -187,11 +187,11 @@ class RegistryExtension(ModelRepositoryExtension):
         self.service = view.service
 
     async def load(self, model_name: str) -> None:
-        if model_name != self.service.served_name:
+        if model_name != self.service.kserve_name:
             await self.service.registry.reload(model_name)
 
     async def unload(self, model_name: str) -> None:
-        if model_name == self.service.served_name:
+        if model_name == self.service.kserve_name:
             raise ServeError(f"{model_name} is the base model: it cannot be unloaded", code="base_model")
         if self.service.registry.get(model_name) is None:
             raise ModelNotFound(model_name)

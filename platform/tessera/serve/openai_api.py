@@ -489,7 +489,7 @@ class OpenAIRoutes:
     async def list_models(self) -> dict[str, Any]:
         names = self.service.model_names()
         # `models` is KServe's v1 list, so one /v1/models answers both the openai SDK and KServe clients.
-        return {"object": "list", "data": [self._model_card(n) for n in names], "models": names}
+        return {"object": "list", "data": [self._model_card(n) for n in names], "models": self.service.kserve_names()}
 
     async def get_model(self, model_name: str) -> dict[str, Any]:
         self._resolve(model_name, "models")
@@ -500,7 +500,7 @@ class OpenAIRoutes:
         if not body.lora_name or not body.lora_path:
             raise ServeError("Both 'lora_name' and 'lora_path' must be provided.", param="lora_name",
                              type="InvalidUserInput")
-        if body.lora_name == self.service.served_name or body.lora_name in self.service.aliases:
+        if body.lora_name in (self.service.served_name, self.service.kserve_name):
             raise ServeError(f"The lora adapter name '{body.lora_name}' conflicts with the served base model.",
                              param="lora_name", code="invalid_name", type="InvalidUserInput")
         record = await self.service.registry.load(body.lora_name, body.lora_path, body.sha256, body.task,
@@ -521,7 +521,7 @@ def openai_router(service: ModelService) -> APIRouter:
         router.add_api_route(f"{prefix}/chat/completions", routes.chat_completions, methods=["POST"],
                              response_model=None)
         router.add_api_route(f"{prefix}/models", routes.list_models, methods=["GET"])
-        # `path`: the base's upstream name (an alias) has a slash (tessera/tiny-llama), as OpenAI model ids may.
+        # `path`: base model names have a slash (tessera/tiny-llama), as in OpenAI's own model ids.
         router.add_api_route(f"{prefix}/models/{{model_name:path}}", routes.get_model, methods=["GET"])
         router.add_api_route(f"{prefix}/load_lora_adapter", routes.load_lora_adapter, methods=["POST"],
                              response_model=None)

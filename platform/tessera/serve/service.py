@@ -90,12 +90,13 @@ class ModelService:
     """One base model and its adapters, under the names clients use in `model`."""
 
     def __init__(self, base: LoadedBase, engine: Engine, registry: AdapterRegistry, served_name: str,
-                 aliases: tuple[str, ...] = (), limits: RequestLimits | None = None) -> None:
+                 limits: RequestLimits | None = None) -> None:
         self.base = base
         self.engine = engine
         self.registry = registry
-        self.served_name = served_name
-        self.aliases = aliases  # other names of the base (its upstream name)
+        self.served_name = served_name  # the base's name on the OpenAI routes (its upstream name, slash and all)
+        # KServe's routes cannot address a slash (`/v2/models/{name}/infer`): there the base is the last part.
+        self.kserve_name = served_name.rsplit("/", 1)[-1]
         self.limits = limits or RequestLimits()
         self.created = int(time.time())
         self.ready = False  # set once the start-up adapters were loaded
@@ -114,7 +115,7 @@ class ModelService:
 
     def resolve(self, model: str) -> str | None:
         """The adapter `model` names, None for the base model; 404 in OpenAI's words otherwise."""
-        if model == self.served_name or model in self.aliases:
+        if model in (self.served_name, self.kserve_name):
             return None
         if self.registry.get(model) is not None:
             return model
@@ -144,6 +145,9 @@ class ModelService:
 
     def model_names(self) -> list[str]:
         return [self.served_name, *self.registry.records]
+
+    def kserve_names(self) -> list[str]:
+        return [self.kserve_name, *self.registry.records]
 
     async def generate(
         self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, n: int, usage: Usage,

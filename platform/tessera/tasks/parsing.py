@@ -47,9 +47,22 @@ def _word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"(?<![a-z0-9])(?:{alternatives})(?![a-z0-9])")
 
 
+@lru_cache(maxsize=64)
+def _choices_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
+    # Two or more label words joined only by separators: the instruction's choice list echoed back.
+    word = _word_pattern(words).pattern
+    return re.compile(rf"{{?\s*{word}(?:\s*(?:/|,|\||\bor\b)\s*{word})+\s*}}?")
+
+
 def find_word(text: str, vocabulary: Mapping[str, str]) -> str | None:
-    """The label of the first vocabulary word (whole word, any case) in `text`."""
-    match = _word_pattern(tuple(vocabulary)).search(text.lower())
+    """The label of the first vocabulary word (whole word, any case) in `text`.
+
+    A chatty model often repeats the choices before answering ("From {negative/neutral/positive},
+    I'd say positive"); that echo names every label and is skipped, as FinGPT's scripts would.
+    """
+    words = tuple(vocabulary)
+    answer = _choices_pattern(words).sub(" ", text.lower())
+    match = _word_pattern(words).search(answer)
     return vocabulary[match.group(0)] if match else None
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tessera.api import FineTuneJob
 from tessera.errors import ObjectNotFoundError, TesseraError
+from tessera.model.gguf import as_hf_directory
 from tessera.train.distributed import DistEnv
 from tessera.train.plan import Hardware
 
@@ -61,7 +62,7 @@ def fetch_base_model(job: FineTuneJob, *, download: bool = True) -> Path:
     local = store.local_path(key)
     if local is None:
         local = model_cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:24]
-        if download and not (local / "config.json").is_file():
+        if download and not local.exists():  # renamed into place whole, so present means complete
             local.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".download-", dir=local.parent))
             try:
@@ -70,12 +71,13 @@ def fetch_base_model(job: FineTuneJob, *, download: bool = True) -> Path:
             except ObjectNotFoundError:
                 raise TesseraError(f"spec.baseModel.uri: {uri} does not exist") from None
             except OSError:
-                if not (local / "config.json").is_file():  # not another process winning the race
+                if not local.exists():  # not another process winning the race
                     raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     if not local.exists():
         raise TesseraError(f"spec.baseModel.uri: {uri} does not exist")
+    local = as_hf_directory(local, model_cache_dir() / "converted", name=job.spec.base_model.name)
     if not (local / "config.json").is_file():
         raise TesseraError(f"spec.baseModel.uri: {uri} is not a Hugging Face model directory (no config.json)")
     return local
