@@ -23,7 +23,7 @@ from tessera.serve import metrics
 from tessera.serve.engine import ChoiceDelta
 from tessera.serve.errors import ServeError
 from tessera.serve.sampling import SamplingParams, TokenLogprob
-from tessera.serve.service import ModelService, Usage, check_budget, valid_unicode
+from tessera.serve.service import ModelService, Usage, check_budget, unicode_problem
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,10 @@ DISCONNECT_POLL_SECONDS = 0.5
 
 
 def _unicode(value: str) -> str:
-    try:
-        return valid_unicode(value, "text")
-    except ServeError as error:
-        raise ValueError(error.message.removeprefix("text is ")) from None
+    problem = unicode_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 # Any text a request carries: a lone surrogate is refused at parsing, before it can reach a tokenizer or a response.

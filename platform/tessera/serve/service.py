@@ -29,13 +29,20 @@ class RequestLimits:
     max_request_tokens: int = 65536  # prompts x n x max_tokens: tokens one request may make the engine generate
 
 
-def valid_unicode(text: str, param: str) -> str:
-    """`text`, refused if it holds a lone surrogate (JSON allows `\\ud800`; UTF-8 and tokenizers do not)."""
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode, None when it is: JSON allows a lone surrogate (`\\ud800`);
+    UTF-8, tokenizers and responses do not."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ServeError(f"{param} is not valid Unicode: a lone surrogate (\\u{ord(text[error.start]):04x}) at "
-                         f"character {error.start}", code="invalid_unicode", param=param) from None
+        return f"not valid Unicode: a lone surrogate (\\u{ord(text[error.start]):04x}) at character {error.start}"
+    return None
+
+
+def valid_unicode(text: str, param: str) -> str:
+    problem = unicode_problem(text)
+    if problem:
+        raise ServeError(f"{param} is {problem}", code="invalid_unicode", param=param)
     return text
 
 
