@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 
 import pytest
 
@@ -40,7 +41,22 @@ def task_dir(tmp_path_factory):
     return root
 
 
-def test_lm_eval_harness_scores_through_the_server(server, tiny_base, startup_adapter, task_dir, monkeypatch):
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Any connection off this machine fails the test: the harness must run offline."""
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and sock.family != socket.AF_UNIX:
+            raise AssertionError(f"lm-eval tried to reach {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def test_lm_eval_harness_scores_through_the_server(server, tiny_base, startup_adapter, task_dir, monkeypatch,
+                                                   loopback_only):
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.openai_completions import LocalCompletionsAPI
