@@ -60,3 +60,19 @@ def test_prompt_logprobs_are_each_tokens_logprob_given_the_ones_before():
         assert item.logprob == pytest.approx(float(expected[position, prompt[position + 1]]))
         assert [t for t, _ in item.top] == expected[position].topk(2).indices.tolist()
     assert prompt_logprobs(logits[:0], [3], top=1) == [None]
+
+
+def test_scoring_rows_are_prefilled_in_groups_of_bounded_logits():
+    from types import SimpleNamespace
+
+    from tessera.serve import engine
+
+    def row(length: int):
+        return SimpleNamespace(request=SimpleNamespace(prompt_ids=[1] * length))
+
+    vocab = 1000
+    per_row = engine.SCORING_LOGITS_BYTES // (vocab * 4)  # positions that fit
+    rows = [row(per_row // 4)] * 9 + [row(per_row * 2)]
+    groups = engine.scoring_groups(rows, vocab)
+    assert [len(g) for g in groups] == [4, 4, 1, 1]  # the oversized row goes alone
+    assert sum(groups, []) == rows

@@ -35,6 +35,10 @@ from tessera.serve.sampling import SamplingParams, TokenLogprob, choice_generato
 
 log = logging.getLogger(__name__)
 
+# Scoring a prompt (`echo`) needs the logits of every position: rows x length x vocab floats. Rows are
+# prefilled in groups that keep that under this size (a row alone may exceed it).
+SCORING_LOGITS_BYTES = 256 << 20
+
 
 @dataclass
 class ChoiceDelta:
@@ -490,7 +494,8 @@ class Engine:
             rows += self._batch.sequences
         plain = [seq for seq in admitted if seq.request.prompt_logprobs is None]
         scoring = [seq for seq in admitted if seq.request.prompt_logprobs is not None]
-        for group in (plain, scoring):
+        vocab = int(self.model.config.vocab_size)
+        for group in [plain, *scoring_groups(scoring, vocab)]:
             if not group:
                 continue
             new_batch, new_logits = self._prefill(group)
@@ -586,3 +591,20 @@ def prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[T
         alternatives = [()] * len(chosen)
     return [None, *(TokenLogprob(token, logprob, alts)
                     for token, logprob, alts in zip(prompt[1:], chosen, alternatives, strict=True))]
+
+
+def scoring_groups(sequences: list[_Sequence], vocab: int) -> list[list[_Sequence]]:
+    """`sequences` in prefill groups whose every-position logits stay within SCORING_LOGITS_BYTES."""
+    groups: list[list[_Sequence]] = []
+    group: list[_Sequence] = []
+    longest = 0
+    for seq in sequences:
+        length = max(longest, len(seq.request.prompt_ids))
+        if group and (len(group) + 1) * length * vocab * 4 > SCORING_LOGITS_BYTES:
+            groups.append(group)
+            group, length = [], len(seq.request.prompt_ids)
+        group.append(seq)
+        longest = length
+    if group:
+        groups.append(group)
+    return groups
