@@ -1,8 +1,9 @@
 """OpenAI-compatible completions, chat completions and models, and vLLM's adapter API.
 
-Requests are validated by pydantic and refused in OpenAI's error shape
-(`{"error": {"message", "type", "param", "code"}}`), with the status codes the `openai` SDK maps
-to its exceptions. Parameters the server does not implement are refused, never silently ignored.
+Requests are validated by pydantic and refused as `ServeError`s, which `tessera.serve.http_errors`
+answers in OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`) with the status
+codes the `openai` SDK maps to its exceptions. Parameters the server does not implement are
+refused, never silently ignored.
 """
 
 from __future__ import annotations
