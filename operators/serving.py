@@ -93,7 +93,8 @@ class AdapterApi:
         return {card["id"]: card for card in body.get("data", []) if isinstance(card, dict) and "id" in card}
 
     def load(self, replica: Replica, adapter: Adapter) -> None:
-        body = {"lora_name": adapter.metadata.name, "lora_path": adapter.spec.uri}
+        # load_inplace: a new version under the same name replaces the one served (vLLM refuses it otherwise).
+        body = {"lora_name": adapter.metadata.name, "lora_path": adapter.spec.uri, "load_inplace": True}
         if adapter.spec.sha256:
             body["sha256"] = adapter.spec.sha256
         if adapter.spec.task:

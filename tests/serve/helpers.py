@@ -8,9 +8,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINY_NAME = "tessera/tiny-llama"
+TINY_NAME = "tessera/tiny-llama"  # the tiny model's upstream name: adapters are checked against it
+BASE_NAME = "tiny-llama"  # its name on KServe routes (which cannot address a slash); OpenAI routes take it too
 S3_BUCKET = "serve-adapters"
 MAX_LORA_RANK = 16
 MAX_LORAS = 4
@@ -115,13 +117,19 @@ class RunningServer:
         except urllib.error.HTTPError as error:
             return error.code, error.read()
 
-    def post(self, path: str, body: dict) -> tuple[int, dict]:
+    def post(self, path: str, body: dict | bytes) -> tuple[int, Any]:
+        """Status and body: parsed JSON, or text (vLLM's adapter API answers success in plain text)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         request = urllib.request.Request(  # noqa: S310 - loopback
-            self.url + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+            self.url + path, data=data, headers={"content-type": "application/json"}
         )
         try:
             with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - loopback
-                return response.status, json.loads(response.read())
+                status, raw = response.status, response.read()
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+            status, raw = error.code, error.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode()
 

@@ -56,7 +56,8 @@ def test_an_overflowing_adapter_fails_its_requests_not_the_batch(tiny_base):
     """A real engine on the tiny model: requests to the base model (one with temperature 1e-40) share
     the batch with requests to an adapter whose scaled weights overflow the activations to inf/NaN;
     the base requests finish with tokens, the adapter's get a `generation_failed` error."""
-    from tessera.serve.engine import Engine, EngineError, GenerationRequest
+    from tessera.serve.engine import Engine, GenerationRequest
+    from tessera.serve.errors import ServeError
     from tessera.serve.lora import AdapterWeights, LoraSlots
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +88,7 @@ def test_an_overflowing_adapter_fails_its_requests_not_the_batch(tiny_base):
         for adapter, done, events in results:
             assert done.wait(60)
             if adapter == "hot":
-                assert isinstance(events[-1], EngineError) and events[-1].code == "generation_failed"
+                assert isinstance(events[-1], ServeError) and events[-1].code == "generation_failed"
                 assert sum(isinstance(e, BaseException) for e in events) == 1
             else:
                 assert events[-1] is None

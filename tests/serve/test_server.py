@@ -184,7 +184,7 @@ def test_unload_then_404_in_openai_shape(client, server, adapters):
     assert caught.value.body == {"message": "The model `temporary` does not exist.", "type": "invalid_request_error",
                                  "param": "model", "code": "model_not_found"}
     status, body = server.post("/v1/unload_lora_adapter", {"lora_name": "temporary"})
-    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert status == 404 and body["error"]["message"] == "The lora adapter 'temporary' cannot be found."
     assert "temporary" not in [m.id for m in client.models.list()]
     assert server.get("/v2/models/temporary/ready")[0] == 404
 
@@ -304,7 +304,7 @@ def test_kserve_v1_v2_classification_and_health(server, adapters):
 
 
 def test_metrics_per_adapter(client, server, adapters):
-    assert load(server, "positive", adapters["positive"])[0] == 200
+    assert load(server, "positive", adapters["positive"], load_inplace=True)[0] == 200
     before = metric_samples(server)
     greedy(client, "positive", max_tokens=5)
     after = metric_samples(server)

@@ -24,7 +24,8 @@ def serve_command(
     allowed_prefix: list[str] = typer.Option(
         [], "--allowed-prefix", help="Store URI or directory adapters may be loaded from (repeatable)."
     ),
-    served_model_name: str = typer.Option(None, help="Name of the base model in requests (default: its own)."),
+    served_model_name: str = typer.Option(
+        None, help="Name of the base model in requests (default: the last part of its own name)."),
     max_batch_size: int = typer.Option(32, help="Most sequences in one forward pass."),
     max_wait_ms: float = typer.Option(5.0, help="How long an idle server gathers a burst into one batch."),
     max_model_len: int = typer.Option(None, help="Context length limit (default: the model's)."),
@@ -32,6 +33,10 @@ def serve_command(
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."),
     cache_dir: Path = typer.Option(None, help="Where store downloads go (default: a temporary directory)."),
     cpu_threads: int = typer.Option(None, help="Torch threads on a CPU (default: all cores but one)."),
+    max_request_bytes: int = typer.Option(4 << 20, help="Largest request body in bytes; larger ones get 413."),
+    max_prompts: int = typer.Option(64, help="Most prompts (or KServe instances) in one request."),
+    max_request_tokens: int = typer.Option(65536, help="Most tokens one request may generate (prompts x n x "
+                                           "max_tokens)."),
 ) -> None:
     """Serve a base model and hot-loaded LoRA adapters (OpenAI, vLLM adapter API, KServe v1/v2)."""
     from pydantic import ValidationError
@@ -48,6 +53,7 @@ def serve_command(
             max_lora_rank=max_lora_rank, allowed_prefixes=allowed_prefix, served_model_name=served_model_name,
             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_model_len=max_model_len,
             quantization=quantization, dtype=dtype, cache_dir=cache_dir, cpu_threads=cpu_threads,
+            max_request_bytes=max_request_bytes, max_prompts=max_prompts, max_request_tokens=max_request_tokens,
         )
     except ValidationError as error:
         raise InvalidSpecError([f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()],

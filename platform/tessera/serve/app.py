@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 class ServeSettings(BaseModel):
     model: str = Field(description="Base model: store URI (s3://...) or Hugging Face model directory.")
-    served_model_name: str | None = Field(None, description="Name of the base in `model`; default: its own name.")
+    served_model_name: str | None = Field(
+        None, description="Name of the base in requests; default: its own (upstream) name. KServe routes, which "
+                          "cannot address a slash, know it by the last part of the name.")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     adapters_file: Path | None = None
@@ -42,6 +44,10 @@ class ServeSettings(BaseModel):
     dtype: DType = "auto"
     cache_dir: Path | None = None
     cpu_threads: int | None = Field(None, ge=1, description="Torch threads on a CPU; default: all cores but one.")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request body; larger ones get 413.")
+    max_prompts: int = Field(64, ge=1, description="Most prompts (or KServe instances) in one request.")
+    max_request_tokens: int = Field(65536, ge=1, description="Most tokens one request may generate: "
+                                    "prompts x n x max_tokens.")
 
 
 @dataclass
@@ -57,10 +63,11 @@ def build_server(settings: ServeSettings) -> Server:
     from tessera.serve.adapters import AdapterError, BaseModelSpec
     from tessera.serve.base_model import load_base
     from tessera.serve.engine import Engine
+    from tessera.serve.http_errors import install_error_handlers, limit_body_size
     from tessera.serve.lora import LoraSlots
-    from tessera.serve.openai_api import install_error_handlers, openai_router
+    from tessera.serve.openai_api import openai_router
     from tessera.serve.registry import AdapterRegistry
-    from tessera.serve.service import ModelService
+    from tessera.serve.service import ModelService, RequestLimits
 
     # A cache directory of our own (no --cache-dir) holds a downloaded base model: removed at exit.
     own_cache = settings.cache_dir is None
@@ -95,7 +102,9 @@ def build_server(settings: ServeSettings) -> Server:
         engine, spec, max_rank=settings.max_lora_rank, allowed_prefixes=settings.allowed_prefixes,
         cache_dir=cache_dir,
     )
-    service = ModelService(base, engine, registry, served_name)
+    limits = RequestLimits(max_request_bytes=settings.max_request_bytes, max_prompts=settings.max_prompts,
+                           max_request_tokens=settings.max_request_tokens)
+    service = ModelService(base, engine, registry, served_name, limits)
 
     async def load_startup_adapters() -> None:
         # A bad entry or file is logged and skipped: a replica that never became ready because of
@@ -121,15 +130,16 @@ def build_server(settings: ServeSettings) -> Server:
         finally:
             task.cancel()
             registry.close()
+            service.close()
             engine.stop()
             if own_cache:
                 shutil.rmtree(cache_dir, ignore_errors=True)
 
     app = FastAPI(title="Tessera model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    app.add_middleware(limit_body_size, max_bytes=limits.max_request_bytes)
     app.include_router(openai_router(service))
-    repository = kserve_api.mount_kserve(app, service)
-    registry.on_change = lambda name, loaded: kserve_api.sync_repository(repository, service, name, loaded)
+    kserve_api.mount_kserve(app, service)
 
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

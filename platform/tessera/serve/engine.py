@@ -28,23 +28,16 @@ from typing import Any, Protocol
 
 import torch
 
-from tessera.redact import redact
 from tessera.serve import metrics
+from tessera.serve.errors import ServeError, model_not_found
 from tessera.serve.lora import AdapterWeights, LoraSlots
 from tessera.serve.sampling import SamplingParams, TokenLogprob, choice_generator, next_tokens
 
 log = logging.getLogger(__name__)
 
-
-class EngineError(Exception):
-    """A request could not be served; `status` and `code` become the HTTP error."""
-
-    def __init__(self, message: str, *, status: int = 500, code: str = "internal_error") -> None:
-        message = redact(message)
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.code = code
+# Scoring a prompt (`echo`) needs the logits of every position: rows x length x vocab floats. Rows are
+# prefilled in groups that keep that under this size (a row alone may exceed it).
+SCORING_LOGITS_BYTES = 256 << 20
 
 
 @dataclass
@@ -56,6 +49,9 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     finish_reason: str | None = None
+    # On a choice's first delta when the request asked for them: one entry per prompt token, the
+    # first None (nothing precedes it), as OpenAI's and vLLM's `echo` return them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 Sink = Callable[[list[ChoiceDelta] | BaseException | None], None]
@@ -68,10 +64,12 @@ class GenerationRequest:
     params: SamplingParams
     sink: Sink  # receives delta lists, then None when every choice ended, or an exception
     n: int = 1
+    prompt_logprobs: int | None = None  # score the prompt too, with this many top alternatives
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the consumer (client went away); the engine drops it next step
     remaining: int = 0  # choices not finished yet (engine thread only)
+    prompt_report: list[TokenLogprob | None] | None = None  # the prompt's logprobs (engine thread only)
 
     @property
     def metric_label(self) -> str:
@@ -225,12 +223,13 @@ class Engine:
     def submit(self, request: GenerationRequest) -> None:
         total = len(request.prompt_ids) + request.params.max_tokens
         if total > self.max_model_len:
-            raise EngineError(
+            raise ServeError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{total} tokens ({len(request.prompt_ids)} in the prompt, {request.params.max_tokens} for the "
                 "completion). Please reduce the prompt or max_tokens.",
                 status=400,
                 code="context_length_exceeded",
+                param="max_tokens",
             )
         with self._condition:
             self._inbox.append(request)
@@ -248,7 +247,7 @@ class Engine:
         """Stop serving `name`: waiting requests for it fail with 404, running rows finish."""
         return self._command(lambda: self._remove(name))
 
-    def fail_adapter(self, name: str, error: EngineError) -> Future:
+    def fail_adapter(self, name: str, error: ServeError) -> Future:
         """Fail every waiting request for `name` (its reload failed)."""
         return self._command(lambda: self._fail_waiting(name, error))
 
@@ -342,10 +341,10 @@ class Engine:
             self._release_name(name)
         self._reloading.discard(name)
         metrics.ADAPTERS_RESIDENT.set(len(self._resident))
-        self._fail_waiting(name, EngineError(f"The model `{name}` does not exist.", status=404, code="model_not_found"))
+        self._fail_waiting(name, model_not_found(name))
         return True
 
-    def _fail_waiting(self, name: str, error: EngineError) -> bool:
+    def _fail_waiting(self, name: str, error: ServeError) -> bool:
         self._reloading.discard(name)
         failed = {id(seq.request): seq.request for seq in self._pending if seq.request.adapter == name}
         self._pending = [seq for seq in self._pending if seq.request.adapter != name]
@@ -381,8 +380,7 @@ class Engine:
             self._slot_users[seq.slot] += 1
             admitted.append(seq)
         for request in failed.values():
-            request.sink(EngineError(f"The model `{request.adapter}` does not exist.", status=404,
-                                     code="model_not_found"))
+            request.sink(model_not_found(request.adapter or ""))
         self._pending = waiting
         now = time.monotonic()
         for seq in admitted:
@@ -421,13 +419,14 @@ class Engine:
             try:
                 self._run_commands()
                 self._step()
-            except Exception as error:  # a failed step fails its rows, never the server
+            except Exception:  # a failed step fails its rows, never the server
                 log.exception("generation step failed")
-                self._fail_batch(EngineError(f"generation failed: {error}", status=500))
+                self._fail_batch(ServeError("generation failed; see the server log", status=500,
+                                            code="internal_error"))
             metrics.RUNNING.set(len(self._batch) if self._batch else 0)
             metrics.WAITING.set(len(self._pending))
 
-    def _fail_batch(self, error: EngineError) -> None:
+    def _fail_batch(self, error: ServeError) -> None:
         if self._batch is None:
             return
         requests = {id(seq.request): seq.request for seq in self._batch.sequences}
@@ -438,7 +437,9 @@ class Engine:
         for request in requests.values():
             request.sink(error)
 
-    def _forward(self, sequences: list[_Sequence], input_ids, mask, positions, cache) -> torch.Tensor:
+    def _forward(self, sequences: list[_Sequence], input_ids, mask, positions, cache,
+                 every_position: bool = False) -> torch.Tensor:
+        """Logits of the last position (rows, vocab); of every position (rows, length, vocab) if asked."""
         self.lora.batch.set([seq.slot for seq in sequences], self.device)
         output = self.model(
             input_ids=input_ids,
@@ -446,11 +447,13 @@ class Engine:
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
         )
-        return output.logits[:, -1, :]
+        return output.logits if every_position else output.logits[:, -1, :]
 
     def _prefill(self, sequences: list[_Sequence]) -> tuple[_Batch, torch.Tensor]:
+        """One forward pass over the rows' prompts; rows that score their prompt (`echo`) are
+        prefilled by themselves, since only they need the logits of every position."""
         from transformers import DynamicCache
 
         length = max(len(seq.request.prompt_ids) for seq in sequences)
@@ -463,7 +466,16 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(sequences, ids, mask, positions, cache)
+        scoring = any(seq.request.prompt_logprobs is not None for seq in sequences)
+        logits = self._forward(sequences, ids, mask, positions, cache, every_position=scoring)
+        if scoring:
+            for row, seq in enumerate(sequences):
+                request = seq.request
+                if request.prompt_report is None:
+                    prompt = request.prompt_ids
+                    request.prompt_report = prompt_logprobs(
+                        logits[row, length - len(prompt): length - 1], prompt, request.prompt_logprobs or 0)
+            logits = logits[:, -1, :]
         return _Batch(sequences, cache, mask), logits
 
     def _decode(self, batch: _Batch) -> torch.Tensor:
@@ -480,10 +492,15 @@ class Engine:
         if self._batch is not None:
             logits.append(self._decode(self._batch))
             rows += self._batch.sequences
-        if admitted:
-            new_batch, new_logits = self._prefill(admitted)
+        plain = [seq for seq in admitted if seq.request.prompt_logprobs is None]
+        scoring = [seq for seq in admitted if seq.request.prompt_logprobs is not None]
+        vocab = int(self.model.config.vocab_size)
+        for group in [plain, *scoring_groups(scoring, vocab)]:
+            if not group:
+                continue
+            new_batch, new_logits = self._prefill(group)
             logits.append(new_logits)
-            rows += admitted
+            rows += group
             if self._batch is None:
                 self._batch = new_batch
             else:
@@ -509,7 +526,7 @@ class Engine:
                 seq.request.cancelled = True
                 log.warning("request %s failed alone: non-finite scores on adapter %s", seq.request.id,
                             seq.request.metric_label)
-                seq.request.sink(EngineError(
+                seq.request.sink(ServeError(
                     "generation failed for this request: the model's scores were not finite (an adapter whose "
                     "weights overflow?); other requests are not affected",
                     status=500, code="generation_failed",
@@ -523,12 +540,17 @@ class Engine:
         for row, (seq, token, report) in enumerate(zip(rows, tokens, reports, strict=True)):
             request = seq.request
             params = request.params
-            seq.tokens.append(token)
-            if report is not None:
-                seq.logprobs.append(report)
+            # max_tokens 0 (echo): the prompt was scored; the token sampled after it is not part of the answer.
+            generating = params.max_tokens > 0
+            if generating:
+                seq.tokens.append(token)
+                if report is not None:
+                    seq.logprobs.append(report)
             finish = None
             if request.cancelled:
                 finish = "cancelled"
+            elif not generating:
+                finish = "length"
             elif token in self.eos_token_ids and not params.ignore_eos:
                 finish = "stop"
             elif len(seq.tokens) >= params.max_tokens:
@@ -540,12 +562,14 @@ class Engine:
             delta = ChoiceDelta(
                 index=seq.index,
                 text=visible[seq.emitted:],
-                token_ids=[token],
-                logprobs=[report] if report is not None else [],
+                token_ids=[token] if generating else [],
+                logprobs=[report] if report is not None and generating else [],
                 finish_reason=finish,
+                prompt_logprobs=request.prompt_report if len(seq.tokens) <= 1 else None,
             )
             seq.emitted = max(seq.emitted, len(visible))
-            metrics.GENERATED_TOKENS.labels(request.metric_label).inc()
+            if generating:
+                metrics.GENERATED_TOKENS.labels(request.metric_label).inc()
             if finish is None:
                 keep.append(row)
             else:
@@ -570,3 +594,36 @@ class Engine:
         if slot in self._retiring and self._slot_users[slot] == 0:
             self._retiring.discard(slot)
             self.lora.clear(slot)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[TokenLogprob | None]:
+    """Each prompt token's logprob given the tokens before it, from the logits of the positions
+    before it ((len(prompt) - 1, vocab)); the first token has none."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(prompt[1:], dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    if top:
+        top_values, top_ids = logprobs.topk(top, dim=-1)
+        alternatives = [tuple(zip(ids, values, strict=True))
+                        for ids, values in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
+    else:
+        alternatives = [()] * len(chosen)
+    return [None, *(TokenLogprob(token, logprob, alts)
+                    for token, logprob, alts in zip(prompt[1:], chosen, alternatives, strict=True))]
+
+
+def scoring_groups(sequences: list[_Sequence], vocab: int) -> list[list[_Sequence]]:
+    """`sequences` in prefill groups whose every-position logits stay within SCORING_LOGITS_BYTES."""
+    groups: list[list[_Sequence]] = []
+    group: list[_Sequence] = []
+    longest = 0
+    for seq in sequences:
+        length = max(longest, len(seq.request.prompt_ids))
+        if group and (len(group) + 1) * length * vocab * 4 > SCORING_LOGITS_BYTES:
+            groups.append(group)
+            group, length = [], len(seq.request.prompt_ids)
+        group.append(seq)
+        longest = length
+    if group:
+        groups.append(group)
+    return groups

@@ -1,8 +1,9 @@
 """OpenAI-compatible completions, chat completions and models, and vLLM's adapter API.
 
-Requests are validated by pydantic and refused in OpenAI's error shape
-(`{"error": {"message", "type", "param", "code"}}`), with the status codes the `openai` SDK maps
-to its exceptions. Parameters the server does not implement are refused, never silently ignored.
+Requests are validated by pydantic and refused as `ServeError`s, which `tessera.serve.http_errors`
+answers in OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`) with the status
+codes the `openai` SDK maps to its exceptions. Parameters the server does not implement are
+refused, never silently ignored.
 """
 
 from __future__ import annotations
@@ -12,70 +13,34 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tessera.serve import metrics
-from tessera.serve.adapters import AdapterError
-from tessera.serve.engine import ChoiceDelta, EngineError
+from tessera.serve.engine import ChoiceDelta
+from tessera.serve.errors import ServeError
 from tessera.serve.sampling import SamplingParams, TokenLogprob
-from tessera.serve.service import ModelService, Usage
+from tessera.serve.service import ModelService, Usage, check_budget, unicode_problem
 
 log = logging.getLogger(__name__)
 
-_ERROR_TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error",
-                409: "invalid_request_error", 503: "service_unavailable", 500: "internal_error"}
+T = TypeVar("T")
+DISCONNECT_POLL_SECONDS = 0.5
 
 
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    @classmethod
-    def of(cls, error: EngineError | AdapterError) -> OpenAIError:
-        param = "model" if error.code == "model_not_found" else None
-        return cls(error.status, error.message, code=error.code, param=param)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+def _unicode(value: str) -> str:
+    problem = unicode_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
-def error_response(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-async def _openai_error_handler(_: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, OpenAIError)
-    return error_response(error)
-
-
-async def _validation_error_handler(_: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
-    problems = []
-    for item in error.errors():
-        location = ".".join(str(p) for p in item["loc"] if p != "body")
-        problems.append(f"{location}: {item['msg']}" if location else item["msg"])
-    first = error.errors()[0]["loc"] if error.errors() else ()
-    param = ".".join(str(p) for p in first if p != "body") or None
-    return error_response(OpenAIError(400, "; ".join(problems), code="invalid_request", param=param))
-
-
-async def _unexpected_error_handler(_: Request, error: Exception) -> JSONResponse:
-    log.exception("request failed", exc_info=error)
-    return error_response(OpenAIError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error"))
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(OpenAIError, _openai_error_handler)
-    app.add_exception_handler(RequestValidationError, _validation_error_handler)
-    app.add_exception_handler(Exception, _unexpected_error_handler)
+# Any text a request carries: a lone surrogate is refused at parsing, before it can reach a tokenizer or a response.
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 # ---- requests ----
@@ -90,23 +55,23 @@ class _SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: Text
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS.")
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+    def _at_most_four_stops(cls, value: Text | list[Text] | None) -> Text | list[Text] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
         return value
@@ -126,17 +91,19 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0, description="0 with echo: score the prompt only (as vLLM).")
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
     best_of: int | None = None
     suffix: None = None
 
     @model_validator(mode="after")
-    def _best_of(self):
+    def _checks(self):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported by this server")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: set echo to score the prompt")
         return self
 
 
@@ -144,8 +111,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -156,7 +123,7 @@ class ChatMessage(BaseModel):
         for part in self.content:
             if part.get("type") != "text":
                 raise ValueError(f"content part type {part.get('type')!r} is not supported (text only)")
-            parts.append(str(part.get("text", "")))
+            parts.append(_unicode(str(part.get("text", ""))))
         return "".join(parts)
 
 
@@ -186,16 +153,17 @@ class LoadLoraRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_name: Text
+    lora_path: Text
+    load_inplace: bool = False
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    task: str | None = None
+    task: Text | None = None
 
 
 class UnloadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str = Field(min_length=1)
+    lora_name: Text | None = None
     lora_int_id: int | None = None
 
 
@@ -206,13 +174,21 @@ def _token_text(service: ModelService, token_id: int) -> str:
     return service.tokenizer.decode([token_id])
 
 
-def completion_logprobs(service: ModelService, logprobs: list[TokenLogprob], offset: int) -> dict[str, Any]:
+def completion_logprobs(service: ModelService, entries: list[tuple[int, TokenLogprob | None]],
+                        offset: int) -> dict[str, Any]:
+    """OpenAI's completion logprobs of (token id, its logprob or None) entries; as vLLM's, each
+    `top_logprobs` holds the token itself beside the top k (so k = 0 still names it)."""
     tokens, token_logprobs, top, offsets = [], [], [], []
-    for item in logprobs:
-        text = _token_text(service, item.token_id)
+    for token_id, item in entries:
+        text = _token_text(service, token_id)
         tokens.append(text)
-        token_logprobs.append(item.logprob)
-        top.append({_token_text(service, t): lp for t, lp in item.top})
+        token_logprobs.append(None if item is None else item.logprob)
+        if item is None:
+            top.append(None)
+        else:
+            alternatives = {_token_text(service, t): lp for t, lp in item.top}
+            alternatives.setdefault(text, item.logprob)
+            top.append(alternatives)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -262,6 +238,24 @@ async def _merged(streams: list[AsyncIterator[list[ChoiceDelta]]]) -> AsyncItera
             task.cancel()
 
 
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first: an abandoned request's rows leave
+    the batch instead of generating for no one."""
+    task = asyncio.ensure_future(work)
+    # A cancelled gather ends with CancelledError as its exception: taken here, never logged as unretrieved.
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ServeError("the client closed the connection", status=499, code="client_closed_request")
+    finally:
+        task.cancel()
+
+
 class OpenAIRoutes:
     def __init__(self, service: ModelService) -> None:
         self.service = service
@@ -280,13 +274,13 @@ class OpenAIRoutes:
     def _resolve(self, model: str, endpoint: str) -> str | None:
         try:
             return self.service.resolve(model)
-        except EngineError as error:
+        except ServeError as error:
             metrics.REQUESTS.labels("unknown", endpoint, str(error.status)).inc()
-            raise OpenAIError.of(error) from None
+            raise
 
-    def _prompts(self, body: CompletionRequest) -> list[list[int]]:
+    async def _prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
+        """Each prompt's token ids, and its text where the request gave text."""
         prompt = body.prompt
-        tokenizer = self.service.tokenizer
         if isinstance(prompt, str):
             prompts: list[str | list[int]] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -294,53 +288,83 @@ class OpenAIRoutes:
         else:
             prompts = list(prompt)  # type: ignore[arg-type]
         if not prompts:
-            raise OpenAIError(400, "prompt must not be empty", param="prompt", code="invalid_request")
-        ids = []
+            raise ServeError("prompt must not be empty", param="prompt")
+        if len(prompts) > self.service.limits.max_prompts:
+            raise ServeError(f"at most {self.service.limits.max_prompts} prompts in one request (got {len(prompts)})",
+                             code="too_many_prompts", param="prompt")
         vocab = self.service.base.model.config.vocab_size
+        texts = [item for item in prompts if isinstance(item, str)]
+        encoded = iter(await self.service.encode(texts, "prompt"))
+        ids = []
         for item in prompts:
             if isinstance(item, str):
-                ids.append(tokenizer(item).input_ids)
+                ids.append(next(encoded))
             else:
                 if any(not 0 <= t < vocab for t in item):
-                    raise OpenAIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt",
-                                      code="invalid_request")
+                    raise ServeError(f"prompt token ids must be in [0, {vocab})", param="prompt")
                 ids.append(list(item))
         if any(not p for p in ids):
-            raise OpenAIError(400, "prompt must not be empty", param="prompt", code="invalid_request")
-        return ids
+            raise ServeError("prompt must not be empty", param="prompt")
+        return ids, [item if isinstance(item, str) else None for item in prompts]
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         tokenizer = self.service.tokenizer
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return tokenizer(text, add_special_tokens=False).input_ids
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return tokenizer(text).input_ids
+        for position, message in enumerate(messages):
+            self.service.check_text(message["content"], f"messages.{position}.content")
 
-    def _default_max_tokens(self, prompt_ids: list[list[int]]) -> int:
-        return max(1, self.service.engine.max_model_len - max(len(p) for p in prompt_ids))
+        def encode() -> list[int]:
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return tokenizer(text, add_special_tokens=False).input_ids
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            return tokenizer(text).input_ids
 
-    async def completions(self, body: CompletionRequest):
+        return await self.service.tokenize(encode)
+
+    def _max_tokens(self, requested: int | None, prompt_ids: list[list[int]], n: int) -> int:
+        """The request's max_tokens (default: what the context leaves), within the request budget."""
+        max_tokens = requested if requested is not None else max(
+            1, self.service.engine.max_model_len - max(len(p) for p in prompt_ids))
+        check_budget(self.service.limits, len(prompt_ids), n, max_tokens)
+        return max_tokens
+
+    async def completions(self, body: CompletionRequest, request: Request):
         adapter = self._resolve(body.model, "completions")
-        prompts = self._prompts(body)
-        max_tokens = body.max_tokens or self._default_max_tokens(prompts)
+        prompts, prompt_texts = await self._prompts(body)
+        max_tokens = self._max_tokens(body.max_tokens, prompts, body.n)
         params = self._sampling(body, max_tokens, body.logprobs)
+        scored = body.logprobs if body.echo and body.logprobs is not None else None
         created, response_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         usage = Usage()
         label = adapter or metrics.BASE_LABEL
 
-        def choice(position: int, delta: ChoiceDelta, offset: int) -> dict[str, Any]:
+        def choice(position: int, delta: ChoiceDelta, offset: int, first: bool) -> dict[str, Any]:
+            """One choice (or its chunk); `first`: the choice's first, which carries the echoed prompt."""
+            text = delta.text
+            entries: list[tuple[int, TokenLogprob | None]] = list(zip(delta.token_ids, delta.logprobs, strict=False))
+            if body.echo and first:
+                prompt_ids = prompts[position]
+                echoed = prompt_texts[position]
+                text = (echoed if echoed is not None else self.service.tokenizer.decode(prompt_ids)) + text
+                entries = [*zip(prompt_ids, delta.prompt_logprobs or [None] * len(prompt_ids), strict=True),
+                           *entries]
             return {
                 "index": position * body.n + delta.index,
-                "text": delta.text,
-                "logprobs": completion_logprobs(self.service, delta.logprobs, offset)
-                if body.logprobs is not None else None,
+                "text": text,
+                "logprobs": completion_logprobs(self.service, entries, offset) if body.logprobs is not None else None,
                 "finish_reason": delta.finish_reason,
             }
 
+        def chunk(choices: list[dict[str, Any]], usage_now: dict[str, int] | None = None) -> str:
+            payload = {"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                       "choices": choices}
+            if body.stream_options and body.stream_options.include_usage:
+                payload["usage"] = usage_now  # null on every chunk but the last, as OpenAI sends it
+            return _sse(payload)
+
         if body.stream:
-            streams = [self.service.generate(p, adapter, params, body.n, usage) for p in prompts]
+            streams = [self.service.generate(p, adapter, params, body.n, usage, scored) for p in prompts]
             first = await self._first_or_error(streams, label, "completions")
 
             async def events() -> AsyncIterator[str]:
@@ -349,30 +373,31 @@ class OpenAIRoutes:
                     chunk_choices = []
                     for delta in deltas:
                         key = (position, delta.index)
-                        chunk_choices.append(choice(position, delta, offsets.get(key, 0)))
-                        offsets[key] = offsets.get(key, 0) + sum(
-                            len(_token_text(self.service, t)) for t in delta.token_ids)
-                    yield _sse({"id": response_id, "object": "text_completion", "created": created,
-                                "model": body.model, "choices": chunk_choices})
+                        item = choice(position, delta, offsets.get(key, 0), key not in offsets)
+                        chunk_choices.append(item)
+                        offsets[key] = offsets.get(key, 0) + (
+                            sum(len(t) for t in item["logprobs"]["tokens"]) if item["logprobs"] else len(item["text"]))
+                    yield chunk(chunk_choices)
                 if body.stream_options and body.stream_options.include_usage:
-                    yield _sse({"id": response_id, "object": "text_completion", "created": created,
-                                "model": body.model, "choices": [], "usage": usage.to_dict()})
+                    yield chunk([], usage.to_dict())
                 yield _sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
         results = await self._gather(
-            [self.service.complete(p, adapter, params, body.n, usage) for p in prompts], label, "completions")
+            request, [self.service.complete(p, adapter, params, body.n, usage, scored) for p in prompts],
+            label, "completions")
         return {
             "id": response_id, "object": "text_completion", "created": created, "model": body.model,
-            "choices": [choice(position, delta, 0) for position, deltas in enumerate(results) for delta in deltas],
+            "choices": [choice(position, delta, 0, True)
+                        for position, deltas in enumerate(results) for delta in deltas],
             "usage": usage.to_dict(),
         }
 
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         adapter = self._resolve(body.model, "chat")
-        prompt = self._chat_prompt(body)
-        max_tokens = body.max_completion_tokens or body.max_tokens or self._default_max_tokens([prompt])
+        prompt = await self._chat_prompt(body)
+        max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens, [prompt], body.n)
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = self._sampling(body, max_tokens, top)
         created, response_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -382,10 +407,14 @@ class OpenAIRoutes:
         if body.stream:
             first = await self._first_or_error(
                 [self.service.generate(prompt, adapter, params, body.n, usage)], label, "chat")
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-                return _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                             "model": body.model, "choices": choices, **extra})
+            def chunk(choices: list[dict[str, Any]], usage_now: dict[str, int] | None = None) -> str:
+                payload = {"id": response_id, "object": "chat.completion.chunk", "created": created,
+                           "model": body.model, "choices": choices}
+                if include_usage:
+                    payload["usage"] = usage_now  # null on every chunk but the last, as OpenAI sends it
+                return _sse(payload)
 
             async def events() -> AsyncIterator[str]:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -397,13 +426,14 @@ class OpenAIRoutes:
                         "logprobs": chat_logprobs(self.service, d.logprobs) if body.logprobs else None,
                         "finish_reason": d.finish_reason,
                     } for d in deltas])
-                if body.stream_options and body.stream_options.include_usage:
-                    yield chunk([], usage=usage.to_dict())
+                if include_usage:
+                    yield chunk([], usage.to_dict())
                 yield _sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        (choices,) = await self._gather([self.service.complete(prompt, adapter, params, body.n, usage)], label, "chat")
+        (choices,) = await self._gather(
+            request, [self.service.complete(prompt, adapter, params, body.n, usage)], label, "chat")
         return {
             "id": response_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{
@@ -415,12 +445,12 @@ class OpenAIRoutes:
             "usage": usage.to_dict(),
         }
 
-    async def _gather(self, calls: list, label: str, endpoint: str) -> list:
+    async def _gather(self, request: Request, calls: list, label: str, endpoint: str) -> list:
         try:
-            results = await asyncio.gather(*calls)
-        except EngineError as error:
+            results = await cancel_on_disconnect(request, asyncio.gather(*calls))
+        except ServeError as error:
             metrics.REQUESTS.labels(label, endpoint, str(error.status)).inc()
-            raise OpenAIError.of(error) from None
+            raise
         metrics.REQUESTS.labels(label, endpoint, "200").inc()
         return results
 
@@ -432,9 +462,9 @@ class OpenAIRoutes:
             first = await merged.__anext__()
         except StopAsyncIteration:
             first = None
-        except EngineError as error:
+        except ServeError as error:
             metrics.REQUESTS.labels(label, endpoint, str(error.status)).inc()
-            raise OpenAIError.of(error) from None
+            raise
         metrics.REQUESTS.labels(label, endpoint, "200").inc()
 
         async def replay() -> AsyncIterator[tuple[int, list[ChoiceDelta]]]:
@@ -454,34 +484,34 @@ class OpenAIRoutes:
                 "root": name, "parent": None, "max_model_len": self.service.engine.max_model_len}
         if record is not None:
             card.update(root=record.source, parent=self.service.served_name, created=int(record.loaded_at),
-                        rank=record.rank, task=record.task, sha256=record.sha256)
+                        rank=record.rank, task=record.task, sha256=record.sha256, lora_int_id=record.int_id)
         return card
 
     async def list_models(self) -> dict[str, Any]:
         names = self.service.model_names()
         # `models` is KServe's v1 list, so one /v1/models answers both the openai SDK and KServe clients.
-        return {"object": "list", "data": [self._model_card(n) for n in names], "models": names}
+        return {"object": "list", "data": [self._model_card(n) for n in names], "models": self.service.kserve_names()}
 
     async def get_model(self, model_name: str) -> dict[str, Any]:
         self._resolve(model_name, "models")
         return {**self._model_card(model_name), "name": model_name, "ready": True}
 
-    async def load_lora_adapter(self, body: LoadLoraRequest):
-        try:
-            record = await self.service.registry.load(body.lora_name, body.lora_path, body.sha256, body.task)
-        except AdapterError as error:
-            raise OpenAIError(error.status, error.message, code=error.code, param="lora_path") from None
-        return JSONResponse({
-            "message": f"Success: LoRA adapter '{record.name}' added successfully.",
-            "name": record.name, "sha256": record.sha256, "rank": record.rank,
-        })
+    async def load_lora_adapter(self, body: LoadLoraRequest) -> PlainTextResponse:
+        """vLLM's answers: plain text on success; 400 for a name already served unless `load_inplace`."""
+        if not body.lora_name or not body.lora_path:
+            raise ServeError("Both 'lora_name' and 'lora_path' must be provided.", param="lora_name",
+                             type="InvalidUserInput")
+        if body.lora_name in (self.service.served_name, self.service.kserve_name):
+            raise ServeError(f"The lora adapter name '{body.lora_name}' conflicts with the served base model.",
+                             param="lora_name", code="invalid_name", type="InvalidUserInput")
+        record = await self.service.registry.load(body.lora_name, body.lora_path, body.sha256, body.task,
+                                                  inplace=body.load_inplace)
+        return PlainTextResponse(f"Success: LoRA adapter '{record.name}' added successfully.")
 
-    async def unload_lora_adapter(self, body: UnloadLoraRequest):
-        try:
-            await self.service.registry.unload(body.lora_name)
-        except AdapterError as error:
-            raise OpenAIError(error.status, error.message, code=error.code, param="lora_name") from None
-        return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."})
+    async def unload_lora_adapter(self, body: UnloadLoraRequest) -> PlainTextResponse:
+        name = self.service.registry.named(body.lora_name or None, body.lora_int_id)
+        await self.service.registry.unload(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def openai_router(service: ModelService) -> APIRouter:

@@ -9,9 +9,9 @@ from, so one the engine evicted (LRU, capacity `max_loras`) is fetched again whe
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,8 @@ from tessera.serve.adapters import (
     check_allowed,
     prepare_adapter,
 )
-from tessera.serve.engine import Engine, EngineError
+from tessera.serve.engine import Engine
+from tessera.serve.errors import ServeError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,24 @@ class AdapterRecord:
     rank: int
     task: str | None
     base_model: str | None
+    int_id: int  # vLLM's lora_int_id: a new one for every load
     loaded_at: float = field(default_factory=time.time)
+
+
+def already_loaded(name: str) -> ServeError:
+    """vLLM's answer to loading a name it serves without `load_inplace`."""
+    return ServeError(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                      "set 'load_inplace' to True.", code="already_loaded", param="lora_name", type="InvalidUserInput")
+
+
+def not_loaded(name: str | int) -> ServeError:
+    """vLLM's answer to unloading an adapter it does not serve."""
+    return ServeError(f"The lora adapter '{name}' cannot be found.", status=404, code="lora_not_found",
+                      param="lora_name", type="NotFoundError")
+
+
+def refused(error: AdapterError) -> ServeError:
+    return ServeError(error.message, status=error.status, code=error.code, param="lora_path")
 
 
 class AdapterRegistry:
@@ -84,15 +102,16 @@ class AdapterRegistry:
         max_rank: int,
         allowed_prefixes: list[str],
         cache_dir: Path,
-        on_change: Callable[[str, bool], None] = lambda name, loaded: None,
     ) -> None:
         self.engine = engine
         self.base = base
         self.max_rank = max_rank
         self.allowed_prefixes = allowed_prefixes
         self.cache_dir = cache_dir
-        self.on_change = on_change
         self.records: dict[str, AdapterRecord] = {}
+        # Where unloaded adapters came from, so KServe's repository `load` can bring one back by name.
+        self.unloaded: dict[str, AdapterRecord] = {}
+        self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessera-loader")
         self._name_locks: dict[str, asyncio.Lock] = {}
         engine.reloader = self
@@ -123,42 +142,70 @@ class AdapterRegistry:
             except (OSError, ValueError, RuntimeError) as error:  # unreadable files the checks did not foresee
                 raise AdapterError(f"cannot read the adapter at {source!r}: {error}", code="adapter_corrupt") from None
 
-    async def load(self, name: str, source: str, sha256: str | None = None, task: str | None = None) -> AdapterRecord:
-        """Fetch, check and install an adapter; the same name with a new source replaces it."""
+    async def load(self, name: str, source: str, sha256: str | None = None, task: str | None = None,
+                   *, inplace: bool = False) -> AdapterRecord:
+        """Fetch, check and install an adapter; a name already served is refused unless `inplace`
+        (vLLM's `load_inplace`), which replaces it with no gap in serving."""
         if not ADAPTER_NAME.match(name):
-            raise AdapterError(
+            raise ServeError(
                 f"invalid lora_name {name!r}: use letters, digits, '.', '_', ':' or '-' (at most 128)",
-                code="invalid_name",
+                code="invalid_name", param="lora_name",
             )
         started = time.perf_counter()
         try:
-            # The checked location is what is fetched, now and on every reload: never `source` again.
-            location = str(check_allowed(source, self.allowed_prefixes))
             async with self._name_locks.setdefault(name, asyncio.Lock()):
+                if name in self.records and not inplace:  # vLLM's first check, before the path's
+                    raise already_loaded(name)
+                # The checked location is what is fetched, now and on every reload: never `source` again.
+                location = str(check_allowed(source, self.allowed_prefixes))
                 loop = asyncio.get_running_loop()
                 prepared = await loop.run_in_executor(self._executor, self._prepare, name, location, sha256, task)
                 await asyncio.wrap_future(self.engine.install(name, prepared.weights))
-        except AdapterError as error:
+                record = AdapterRecord(name, location, prepared.sha256, prepared.rank, prepared.task,
+                                       prepared.base_model, next(self._ids))
+                self.records[name] = record
+                self.unloaded.pop(name, None)
+        except (AdapterError, ServeError) as error:
             metrics.ADAPTER_LOAD_FAILURES.labels(error.code).inc()
             metrics.ADAPTER_LOAD_SECONDS.labels("failed").observe(time.perf_counter() - started)
             log.warning("refused adapter %s from %s: %s", name, source, error.message)
-            raise
-        record = AdapterRecord(name, location, prepared.sha256, prepared.rank, prepared.task, prepared.base_model)
-        self.records[name] = record
+            raise refused(error) if isinstance(error, AdapterError) else error from None
         metrics.ADAPTER_LOAD_SECONDS.labels("loaded").observe(time.perf_counter() - started)
         metrics.ADAPTERS_REGISTERED.set(len(self.records))
         log.info("loaded adapter %s (rank %d) from %s in %.3fs", name, record.rank, source,
                  time.perf_counter() - started)
-        self.on_change(name, True)
         return record
 
+    def named(self, name: str | None, int_id: int | None) -> str:
+        """The served adapter a vLLM unload request means: by `lora_name`, or by `lora_int_id` alone."""
+        if name is None and int_id is None:
+            raise ServeError("either 'lora_name' and 'lora_int_id' needs to be provided.", param="lora_name",
+                             code="invalid_request", type="InvalidUserInput")
+        if name is None:
+            name = next((r.name for r in self.records.values() if r.int_id == int_id), None)
+        record = self.records.get(name) if name is not None else None
+        if record is None or (int_id is not None and record.int_id != int_id):
+            raise not_loaded(name if name is not None else int_id)
+        return record.name
+
     async def unload(self, name: str) -> None:
+        """Stop serving `name` everywhere (every protocol reads this registry)."""
         async with self._name_locks.setdefault(name, asyncio.Lock()):
-            if self.records.pop(name, None) is None:
-                raise AdapterError(f"The model `{name}` does not exist.", code="model_not_found", status=404)
+            record = self.records.pop(name, None)
+            if record is None:
+                raise not_loaded(name)
+            self.unloaded[name] = record
             await asyncio.wrap_future(self.engine.remove(name))
         metrics.ADAPTERS_REGISTERED.set(len(self.records))
-        self.on_change(name, False)
+
+    async def reload(self, name: str) -> AdapterRecord:
+        """Serve again an adapter that was unloaded, from where it came (KServe's repository `load`)."""
+        if name in self.records:
+            return self.records[name]
+        record = self.unloaded.get(name)
+        if record is None:
+            raise ServeError(f"Model with name {name} does not exist.", status=404, code="model_not_found")
+        return await self.load(name, record.source, record.sha256, record.task)
 
     async def load_file(self, path: Path) -> list[tuple[str, str | None]]:
         """Load every adapter of the start-up file; one bad entry does not stop the others."""
@@ -167,7 +214,7 @@ class AdapterRegistry:
             try:
                 await self.load(source.name, source.path, source.sha256, source.task)
                 results.append((source.name, None))
-            except AdapterError as error:
+            except ServeError as error:
                 results.append((source.name, error.message))
         return results
 
@@ -183,12 +230,12 @@ class AdapterRegistry:
                 self.engine.install(name, prepared.weights).result()
                 log.info("reloaded evicted adapter %s", name)
             except Exception as error:
-                message = error.message if isinstance(error, AdapterError) else str(error)
+                message = error.message if isinstance(error, AdapterError) else type(error).__name__
                 log.error("reloading adapter %s failed: %s", name, message)
                 metrics.ADAPTER_LOAD_FAILURES.labels("reload_failed").inc()
                 self.engine.fail_adapter(
-                    name, EngineError(f"adapter {name} could not be reloaded: {message}", status=503,
-                                      code="adapter_unavailable"))
+                    name, ServeError(f"adapter {name} could not be reloaded: {message}", status=503,
+                                     code="adapter_unavailable"))
 
         self._executor.submit(reload)
         return True

@@ -1,0 +1,30 @@
+"""The one error type of the serving boundary.
+
+Anything the server refuses or cannot serve is a `ServeError`: the engine, the registry and the
+request parsers raise it, and `tessera.serve.http_errors` turns it into each protocol's error shape.
+Its message is written for the client: never a traceback, file content or environment.
+"""
+
+from __future__ import annotations
+
+from tessera.redact import redact
+
+
+class ServeError(Exception):
+    """`status` is the HTTP status, `code` a stable machine-readable reason, `param` the request field
+    at fault (OpenAI's `param`), `type` the error type where a protocol fixes one (vLLM's adapter API)."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_request",
+                 param: str | None = None, type: str | None = None) -> None:
+        message = redact(message)
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.param = param
+        self.type = type
+
+
+def model_not_found(name: str) -> ServeError:
+    """OpenAI's words for a model the server does not serve (vLLM says the same)."""
+    return ServeError(f"The model `{name}` does not exist.", status=404, code="model_not_found", param="model")
