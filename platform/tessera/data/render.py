@@ -200,7 +200,11 @@ def load_tokenizer(model_uri: str) -> Any:
         if not local.is_dir():
             problem = "is not a directory" if local.exists() else "does not exist"
             raise TokenizerError(f"the base model {model_uri} (spec.baseModel.uri) {problem}")
-        return _from_pretrained(local, model_uri)
+        from tessera.model import model_cache_dir
+        from tessera.model.gguf import as_hf_directory
+
+        # A GGUF base (`baseModel.format: gguf`) is converted here first, into the cache training reuses.
+        return _from_pretrained(as_hf_directory(local, model_cache_dir() / "converted"), model_uri)
     with scratch_dir("tokenizer") as workdir:
         for name in TOKENIZER_FILES:
             if store.exists(join_key(prefix, name)):
