@@ -10,6 +10,7 @@ directory; `<adapters-dir>/.agent-state.json` remembers what the agent holds, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -252,6 +253,8 @@ class AdapterAgent:
             except AgentError:
                 if before is None or held.path != before.path:
                     shutil.rmtree(held.path, ignore_errors=True)
+                    with contextlib.suppress(OSError):  # the name's directory, unless another version is in it
+                        Path(held.path).parent.rmdir()
                 raise
             if before is not None and before.path != held.path:
                 shutil.rmtree(before.path, ignore_errors=True)
