@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tessera.api.finetunejob import FineTuneJobSpec
 from tessera.serve.adapters import AdapterConfig, declared_base_name, parse_lora_key
 
 RuntimeKind = Literal["vllm", "tessera"]
@@ -48,6 +49,20 @@ class RuntimeProfile:
     @property
     def label(self) -> str:
         return f"the {self.kind} runtime"
+
+
+def job_problems(spec: FineTuneJobSpec, runtime: RuntimeProfile) -> list[str]:
+    """Why the adapter a FineTuneJob would train could not be served by `runtime`, as `field: rule`
+    lines (the API's own form), so the job is refused before it trains rather than after."""
+    problems = []
+    if spec.lora.rank > runtime.max_lora_rank:
+        problems.append(f"spec.lora.rank: {spec.lora.rank} is above {runtime.max_lora_rank}, the highest LoRA rank "
+                        f"{runtime.label} serves (the chart's serving.maxLoraRank)")
+    unknown = [m for m in spec.lora.target_modules if m.rsplit(".", 1)[-1] not in runtime.target_modules]
+    if unknown:
+        problems.append(f"spec.lora.targetModules: {unknown} are not modules {runtime.label} applies LoRA to "
+                        f"({', '.join(sorted(runtime.target_modules))}; the chart's serving.targetModules)")
+    return problems
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
