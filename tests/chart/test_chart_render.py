@@ -13,6 +13,7 @@ what it should.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import re
@@ -457,6 +458,51 @@ def test_serving_runtime_value_picks_the_runtime_the_operator_uses(values: dict[
     env = env_of(operator_container(docs))
     assert (env["TESSERA_SERVING_RUNTIME"], env["TESSERA_SERVING_RUNTIME_KIND"]) == (name, kind)
     assert env["TESSERA_MAX_LORA_RANK"] == str(values.get("serving.maxLoraRank", 64))
+
+
+def predictor_pod(runtime_spec: dict[str, Any], isvc: dict[str, Any]) -> dict[str, Any]:
+    """The pod KServe (RawDeployment) makes of a ServingRuntime for an InferenceService: the runtime's
+    containers and volumes, the model's args appended to kserve-container's and {{.Name}} filled in,
+    the storage initializer as an init container writing /mnt/models, the runtime's labels."""
+    model = isvc["spec"]["predictor"]["model"]
+    containers = copy.deepcopy(runtime_spec["containers"])
+    server = container_named(containers, "kserve-container")
+    server["args"] = [a.replace("{{.Name}}", isvc["metadata"]["name"]) for a in server["args"]] + model.get("args", [])
+    server["volumeMounts"].append({"name": "kserve-provision-location", "mountPath": "/mnt/models", "readOnly": True})
+    initializer = {"name": "storage-initializer", "image": "kserve/storage-initializer:v0.15.0",
+                   "args": [model["storageUri"], "/mnt/models"],
+                   "volumeMounts": [{"name": "kserve-provision-location", "mountPath": "/mnt/models"}]}
+    spec = {key: copy.deepcopy(runtime_spec[key]) for key in ("nodeSelector", "tolerations", "imagePullSecrets")
+            if key in runtime_spec}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{isvc['metadata']['name']}-predictor-abc", "labels": runtime_spec["labels"]},
+            "spec": {**spec, "initContainers": [initializer], "containers": containers,
+                     "volumes": [*runtime_spec["volumes"], {"name": "kserve-provision-location", "emptyDir": {}}]}}
+
+
+@pytest.mark.parametrize("combination", ["default", "gpu-node-pool", "cpu-runtime", "private-registry"])
+def test_predictor_pod_of_the_operators_inference_service_is_a_valid_pod(combination: str) -> None:
+    from tessera.api import Adapter
+    from tessera_operator.builders import build_inference_service
+    from tessera_operator.config import OperatorConfig
+
+    docs = render(COMBINATIONS[combination])
+    env = env_of(operator_container(docs))
+    config = OperatorConfig.from_env(env)
+    document = yaml.safe_load((REPO / "examples" / "adapter.yaml").read_text())
+    document["spec"]["baseModel"]["quantizationBits"] = 4
+    isvc = build_inference_service(Adapter.model_validate(document), config)
+    assert validate_against_crd(isvc) == []
+    pod = predictor_pod(runtime(docs, env["TESSERA_SERVING_RUNTIME"])["spec"], isvc)
+    assert schema_problems(pod) == []
+    server = container_named(pod["spec"]["containers"], "kserve-container")
+    if env["TESSERA_SERVING_RUNTIME_KIND"] == "vllm":
+        assert server["args"][-1] == "--quantization=bitsandbytes"
+        assert f"--served-model-name={isvc['metadata']['name']}" in server["args"]
+    # Every mount names a volume of the pod.
+    volumes = {v["name"] for v in pod["spec"]["volumes"]}
+    for container in pod["spec"]["containers"] + pod["spec"]["initContainers"]:
+        assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes, container["name"]
 
 
 def test_choosing_a_disabled_runtime_is_refused() -> None:
