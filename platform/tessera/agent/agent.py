@@ -157,6 +157,9 @@ class AdapterAgent:
                 raise AgentError(str(error), code="adapter_not_found", status=404) from None
             except StoreError as error:
                 raise AgentError(str(error), code="store_error", status=502) from None
+            except OSError as error:  # the volume is full or unwritable; its path says nothing secret
+                raise AgentError(f"cannot write the adapter into {self.dir}: {error.strerror}", code="volume_error",
+                                 status=507) from None
             if not (staging / WEIGHTS_FILE).is_file():
                 raise AgentError(f"{request.lora_path} has no {WEIGHTS_FILE}", code="adapter_corrupt")
             digest = weights_sha256(staging)
