@@ -394,7 +394,8 @@ def test_vllm_runtime_flags_derive_from_values() -> None:
     args = args_of(container)
     assert {option: values for option, values in args.items() if option not in ("--host", "--served-model-name")} \
         == {"--port": ["8080"], "--enable-lora": [""], "--max-loras": ["4"], "--max-lora-rank": ["16"],
-            "--max-cpu-loras": ["12"], "--gpu-memory-utilization": ["0.85"], "--max-model-len": ["4096"]}
+            "--max-cpu-loras": ["12"], "--gpu-memory-utilization": ["0.85"], "--max-model-len": ["4096"],
+            "--middleware": ["tessera_adapter_guard.LoopbackOnlyAdapterApi"]}
     # KServe fills {{.Name}} with the InferenceService's name, as its own vLLM runtime does.
     assert args["--served-model-name"] == ["{{.Name}}"]
     assert env_of(container)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
@@ -503,6 +504,24 @@ def test_predictor_pod_of_the_operators_inference_service_is_a_valid_pod(combina
     volumes = {v["name"] for v in pod["spec"]["volumes"]}
     for container in pod["spec"]["containers"] + pod["spec"]["initContainers"]:
         assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes, container["name"]
+
+
+def test_vllm_loads_the_adapter_api_guard_from_a_configmap_in_every_job_namespace() -> None:
+    """vLLM's adapter API shares its inference port: the guard (tessera/agent/guard.py) refuses it to
+    anyone but the agent in the pod; the chart carries the module itself, unchanged."""
+    docs = render({"jobNamespaces": ["research", "risk"]})
+    guard = (REPO / "platform" / "tessera" / "agent" / "guard.py").read_text()
+    configmaps = {c["metadata"]["namespace"]: c for c in of_kind(docs, "ConfigMap")
+                  if c["metadata"]["name"] == "tessera-vllm-adapter-guard"}
+    assert set(configmaps) == {"research", "risk"}
+    assert all(c["data"] == {"tessera_adapter_guard.py": guard} for c in configmaps.values())
+    spec = runtime(docs)["spec"]
+    container = runtime_container(docs)
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "adapter-guard"]
+    assert env_of(container)["PYTHONPATH"] == mount["mountPath"] and mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "adapter-guard"]
+    assert volume["configMap"] == {"name": "tessera-vllm-adapter-guard"}
+    assert of_kind(render({"serving.vllm.enabled": False, "serving.runtime": "tessera"}), "ConfigMap") == []
 
 
 def test_choosing_a_disabled_runtime_is_refused() -> None:

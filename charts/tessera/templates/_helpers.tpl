@@ -214,3 +214,6 @@ tolerations:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end -}}
+
+{{/* The ConfigMap, in every job namespace, that carries the adapter API guard into vLLM's pods. */}}
+{{- define "tessera.vllmGuardConfigMap" -}}tessera-vllm-adapter-guard{{- end -}}
