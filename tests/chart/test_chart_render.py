@@ -667,8 +667,10 @@ def test_job_pods_talk_to_each_other_the_store_and_the_api_server_only() -> None
     template = one(docs, "WorkflowTemplate")
     worker_labels = substituted_pytorchjob(template)["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
         "metadata"]["labels"]
+    step_labels = template["spec"]["podMetadata"]["labels"]
     expression = jobs["podSelector"]["matchExpressions"][0]
-    assert expression == {"key": "tessera.dev/job", "operator": "Exists"} and expression["key"] in worker_labels
+    assert expression == {"key": "tessera.dev/job", "operator": "Exists"}
+    assert expression["key"] in worker_labels and expression["key"] in step_labels
     assert jobs["ingress"] == [{"from": [{"podSelector": jobs["podSelector"]}]}]
     open_egress = [rule for rule in jobs["egress"] if not rule.get("ports")]
     assert open_egress == [{"to": [{"podSelector": jobs["podSelector"]}]}]
