@@ -194,10 +194,14 @@ class AdapterAgent:
             response = await self.client.get(f"{self.runtime_url}/v1/models", timeout=10.0)
         except httpx.HTTPError as error:
             raise _runtime_unavailable(self.runtime, error) from None
-        if response.status_code != 200:
-            raise AgentError(f"{self.runtime.label} answered {response.status_code} to GET /v1/models",
-                             code="runtime_error", status=502)
-        return {c["id"]: c for c in response.json().get("data", []) if isinstance(c, dict) and "id" in c}
+        try:
+            if response.status_code != 200:
+                raise ValueError(f"status {response.status_code}")
+            cards = response.json()["data"]
+            return {c["id"]: c for c in cards if isinstance(c, dict) and "id" in c}
+        except (ValueError, KeyError, TypeError) as error:
+            raise AgentError(f"{self.runtime.label} gave no model list to GET /v1/models ({error})",
+                             code="runtime_error", status=502) from None
 
     async def _runtime_load(self, held: HeldAdapter, replace: bool) -> None:
         body = {"lora_name": held.name, "lora_path": held.path, "load_inplace": replace}
@@ -247,7 +251,7 @@ class AdapterAgent:
         async with self._lock(request.lora_name):
             before = self.held.get(request.lora_name)
             same = (before is not None and before.source == request.lora_path
-                    and request.sha256 in (None, before.sha256))
+                    and (request.sha256 or before.sha256).lower() == before.sha256)
             if same and request.lora_name in await self.runtime_models():
                 return before
             held = before if same else await asyncio.to_thread(self._prepare, request)
@@ -323,7 +327,10 @@ class AdapterAgent:
 
     async def resync_forever(self, seconds: float) -> None:
         while True:
-            await self.resync()
+            try:
+                await self.resync()
+            except Exception:  # one bad pass must not end the loop that brings adapters back
+                log.exception("checking the runtime's adapters failed; retrying in %.0fs", seconds)
             await asyncio.sleep(seconds)
 
     def status(self) -> dict[str, Any]:
