@@ -53,7 +53,9 @@ def test_loads_from_s3_with_its_digest_into_the_runtime_through_the_operators_cl
     wanted = adapter("fpb", s3_adapters["fpb"], digest(made_adapters["fpb"]))
     api, replica = AdapterApi(), Replica("predictor-0", "uid-0", agent.url)
 
+    started = time.perf_counter()
     entry = sync_replica(api, replica, wanted, Backoff())
+    print(f"hot-load through the agent (S3 fetch, sha256, checks, runtime load): {time.perf_counter() - started:.3f}s")
     assert entry["state"] == "Loaded", entry
     # The runtime loaded it from the shared volume, the verified copy named by its digest.
     served = runtime_cards(pod)["fpb"]
