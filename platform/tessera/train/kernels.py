@@ -1,17 +1,19 @@
-"""Faster stand-ins for what the CPU profile of a QLoRA step found slow; the same maths.
+"""Faster stand-ins for what the CPU profile of a QLoRA step found slow.
 
 Profiled with `torch.profiler` on SmolLM2-135M (4-bit NF4 base, bf16, LoRA rank 8 on all seven
-projections, dropout 0.1, micro-batch 8 x 256 packed, 2 CPU cores), PEFT's LoRA branch cost more
-than the frozen 4-bit matmuls it rides on: per projection it clones the base output, casts the
-input to fp32, draws a dropout mask with torch's CPU generator (`bernoulli_`, 15% of the step on
-its own: one Mersenne-Twister number at a time, about 5 ms per 2048 x 576 input, more than the
-layer's bf16 matmul), multiplies, scales and casts the output back, each a pass over the whole
-activation, and keeps an fp32 mask and an fp32 copy of the input per projection for the backward.
+projections, dropout 0.1, packed micro-batches, 2 CPU cores), PEFT's LoRA branch cost more than
+the frozen 4-bit matmuls it rides on. Per projection it clones the base output, casts the input
+to fp32, draws a dropout mask with torch's CPU generator (`bernoulli_`: 15% of the step on its
+own, one Mersenne-Twister number at a time, about 5 ms per 2048 x 576 input, more than the
+layer's bf16 matmul), runs the rank-8 matmuls in fp32 (several times slower than bf16 on this
+CPU), scales and casts the output back, each a pass over the whole activation, and keeps an
+fp32 mask and an fp32 copy of its input for the backward.
 
 `use_fused_lora` replaces that branch with one autograd function per projection: the mask drawn
-by NumPy's PCG64 (3x faster) and kept as bools, the input kept once in its own dtype (the seven
-projections of a layer share two inputs), the fp32 LoRA maths unchanged, the sum added into the
-base output in place. Imported by the trainer only (needs torch at import time).
+by NumPy's PCG64 (3x faster), the matmuls in the base's compute dtype (bf16, with fp32 weights
+and optimizer, as autocast does), the scales on the rank-wide activation, the sum added into the
+base output in place, and for the backward only the input in its own dtype (the projections
+reading one input share it) and a 0/1 mask. Imported by the trainer only (needs torch).
 """
 
 from __future__ import annotations
@@ -36,18 +38,22 @@ class LoraDropout(torch.nn.Module):
         super().__init__()
         self.p = p
 
-    def keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Bools shaped like `x`, True where an element is kept; None when nothing is dropped."""
+    def keep_mask(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """1 where an element of `x` is kept, 0 where dropped, in `dtype`; None when nothing is dropped.
+
+        In the dtype it multiplies (0 and 1 are exact in any) because torch's CPU kernels on bool tensors
+        (multiply by, convert from) are several times slower than a same-dtype multiply.
+        """
         if not self.training or self.p == 0.0:
             return None
         if x.device.type != "cpu":
-            return torch.rand(x.shape, device=x.device) >= self.p
+            return (torch.rand(x.shape, device=x.device) >= self.p).to(dtype)
         seed = int(torch.randint(2**63 - 1, (), dtype=torch.int64))
         uniform = np.random.Generator(np.random.PCG64(seed)).random(tuple(x.shape), dtype=np.float32)
-        return torch.from_numpy(uniform >= np.float32(self.p))
+        return torch.from_numpy((uniform >= np.float32(self.p)).astype(np.float32)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.keep_mask(x)
+        keep = self.keep_mask(x, x.dtype)
         return x if keep is None else x * keep * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
@@ -55,40 +61,42 @@ class LoraDropout(torch.nn.Module):
 
 
 class _LoraAdd(torch.autograd.Function):
-    """`result += scaling * dropout(x) @ A^T @ B^T`, the LoRA maths in A's dtype (fp32), in place."""
+    """`result += scaling * (x * keep / (1-p)) @ A^T @ B^T`, in place, in the base's compute dtype.
+
+    The matmuls take the LoRA weights cast to the dtype of `result` (bf16 on a bf16 base, as
+    autocast would: the weights and the optimizer stay fp32, the weight gradients come back in
+    fp32). Both scales go onto the rank-wide hidden activation, in fp32. Keeps `x` (shared by the
+    projections that read the same input), the mask and the hidden activation for the backward.
+    """
 
     @staticmethod
     def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-                scaling: float, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
-        x_lora = _dropped(x, weight_a.dtype, keep, keep_scale)
-        hidden = (x_lora @ weight_a.t()).mul_(scaling)  # rank-wide: scaling here costs nothing
-        result.add_(hidden @ weight_b.t())
+                scale: float, keep: torch.Tensor | None) -> torch.Tensor:
+        dtype = result.dtype
+        x_lora = x.to(dtype) if keep is None else x.to(dtype) * keep
+        hidden = (x_lora @ weight_a.to(dtype).t()).float().mul_(scale).to(dtype)
+        result.add_(hidden @ weight_b.to(dtype).t())
         ctx.mark_dirty(result)
         ctx.save_for_backward(x, keep, hidden, weight_a, weight_b)
-        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        ctx.scale = scale
         return result
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, keep, hidden, weight_a, weight_b = ctx.saved_tensors
-        grad_lora = grad.to(weight_b.dtype)
-        grad_hidden = (grad_lora @ weight_b).mul_(ctx.scaling)
-        grad_b = grad_lora.flatten(0, -2).t() @ hidden.flatten(0, -2)
-        x_lora = _dropped(x, weight_a.dtype, keep, ctx.keep_scale)
+        dtype = hidden.dtype
+        grad = grad.to(dtype)
+        grad_hidden = (grad @ weight_b.to(dtype)).float().mul_(ctx.scale).to(dtype)
+        grad_b = grad.flatten(0, -2).t() @ hidden.flatten(0, -2)
+        x_lora = x.to(dtype) if keep is None else x.to(dtype) * keep
         grad_a = grad_hidden.flatten(0, -2).t() @ x_lora.flatten(0, -2)
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = grad_hidden @ weight_a
+            grad_x = grad_hidden @ weight_a.to(dtype)
             if keep is not None:
-                grad_x = grad_x.mul_(keep).mul_(ctx.keep_scale)
+                grad_x = grad_x.mul_(keep)
             grad_x = grad_x.to(x.dtype)
-        return grad, grad_x, grad_a, grad_b, None, None, None
-
-
-def _dropped(x: torch.Tensor, dtype: torch.dtype, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
-    if keep is None:
-        return x.to(dtype)
-    return x.to(dtype, copy=True).mul_(keep).mul_(keep_scale)
+        return grad, grad_x, grad_a.to(weight_a.dtype), grad_b.to(weight_b.dtype), None, None
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -104,10 +112,13 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         # Some bitsandbytes CPU paths return a view; adding in place needs a tensor of its own.
         result = result.clone()
     dropout = self.lora_dropout[name]
-    keep = dropout.keep_mask(x) if isinstance(dropout, LoraDropout) else None
-    keep_scale = 1.0 / (1.0 - dropout.p) if keep is not None else 1.0
-    return _LoraAdd.apply(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], keep,
-                          keep_scale)
+    scale = self.scaling[name]
+    keep = None
+    if isinstance(dropout, LoraDropout):
+        keep = dropout.keep_mask(x, result.dtype)
+        if keep is not None:
+            scale /= 1.0 - dropout.p
+    return _LoraAdd.apply(result, x, self.lora_A[name].weight, self.lora_B[name].weight, scale, keep)
 
 
 def use_fused_lora(peft_model: Any) -> int:
