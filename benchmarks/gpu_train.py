@@ -113,7 +113,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n4-bit NF4 QLoRA (rank 8, all linear layers), {args.steps} steps ({args.warmup} warm-up left out), "
           f"micro-batch {args.batch_size} x {args.max_seq_length} packed, bf16, gradient checkpointing "
-          f"{'off' if args.no_gradient_checkpointing else 'on'} on {device}; peak MiB = max GPU memory allocated")
+          f"{'off' if args.no_gradient_checkpointing else 'on'} on {device}; peak MiB = "
+          f"{'max GPU memory allocated' if torch.cuda.is_available() else 'max RSS'}")
     train_throughput.print_table(rows)
     for line in ratios:
         print(line)
