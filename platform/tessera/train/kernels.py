@@ -31,7 +31,7 @@ class LoraDropout(torch.nn.Module):
     Each element is zeroed with probability p and the others scaled by 1/(1-p), as
     `nn.Dropout` does. The generator is seeded from torch's, so torch's RNG state (which
     checkpoints save, and activation checkpointing restores for its recomputation) still fixes
-    every mask. On CUDA, masks come from torch (its Philox generator is fast).
+    every mask. On CUDA it is `F.dropout` (torch's Philox generator is fast there).
     """
 
     def __init__(self, p: float) -> None:
@@ -39,20 +39,20 @@ class LoraDropout(torch.nn.Module):
         self.p = p
 
     def keep_mask(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """1 where an element of `x` is kept, 0 where dropped, in `dtype`; None when nothing is dropped.
+        """1 where an element of `x` (on CPU) is kept, 0 where dropped, in `dtype`; None when nothing is dropped.
 
         In the dtype it multiplies (0 and 1 are exact in any) because torch's CPU kernels on bool tensors
         (multiply by, convert from) are several times slower than a same-dtype multiply.
         """
         if not self.training or self.p == 0.0:
             return None
-        if x.device.type != "cpu":
-            return (torch.rand(x.shape, device=x.device) >= self.p).to(dtype)
         seed = int(torch.randint(2**63 - 1, (), dtype=torch.int64))
         uniform = np.random.Generator(np.random.PCG64(seed)).random(tuple(x.shape), dtype=np.float32)
         return torch.from_numpy((uniform >= np.float32(self.p)).astype(np.float32)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, self.training)
         keep = self.keep_mask(x, x.dtype)
         return x if keep is None else x * keep * (1.0 / (1.0 - self.p))
 
