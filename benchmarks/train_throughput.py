@@ -96,7 +96,9 @@ def steady(steps: list[dict[str, float]], warmup: int) -> dict[str, float]:
 
 def run_tessera(args: argparse.Namespace, workdir: Path, model_dir: Path) -> dict[str, Any]:
     import tessera.train.trainer as trainer
+    from tessera.api import paths
     from tessera.data import prepare
+    from tessera.train.progress import TRAIN_LOG
 
     class StepClock(trainer.ProgressReporter):
         """The trainer's progress reporter, noting the wall and CPU clocks at the end of every step."""
@@ -115,7 +117,7 @@ def run_tessera(args: argparse.Namespace, workdir: Path, model_dir: Path) -> dic
     prepare(job)
     trainer.ProgressReporter = StepClock  # a benchmark's probe; the trainer has no step hook
     result = trainer.train_job(job, show_progress=False)
-    log = workdir / "store" / "jobs" / job.metadata.namespace / job.metadata.name / "logs" / "train-log.jsonl"
+    log = workdir / "store" / paths.logs_prefix(job) / TRAIN_LOG
     history = [json.loads(line) for line in log.read_text().splitlines()]  # one entry per step (loggingSteps 1)
     marks = StepClock.marks
     steps = [{"tokens": entry["tokens"], "seconds": end[0] - start[0], "cpuSeconds": end[1] - start[1],
