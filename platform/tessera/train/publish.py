@@ -19,7 +19,7 @@ from tessera.api import FineTuneJob, paths
 from tessera.errors import TesseraError
 from tessera.scratch import scratch_dir
 from tessera.store import local_manifest, manifest_digest, open_store
-from tessera.train.artifacts import JobArtifacts
+from tessera.store.jobs import JobArtifacts
 from tessera.train.checkpoint import ADAPTER_DIR, load_state
 
 log = logging.getLogger(__name__)
