@@ -7,7 +7,13 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tessera.api.finetunejob import Launcher
-from tessera_pipelines import DEFAULT_GPU_RESOURCE, DEFAULT_IMAGE, DEFAULT_STORE_SECRET, SERVICE_ACCOUNT, TEMPLATE_NAME
+from tessera_pipelines.interface import (
+    DEFAULT_GPU_RESOURCE,
+    DEFAULT_IMAGE,
+    DEFAULT_STORE_SECRET,
+    SERVICE_ACCOUNT,
+    TEMPLATE_NAME,
+)
 
 _ENV = {
     "workflow_template": "TESSERA_WORKFLOW_TEMPLATE",
