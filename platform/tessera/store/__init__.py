@@ -39,7 +39,6 @@ __all__ = [
     "S3Store",
     "Store",
     "fetch",
-    "is_remote",
     "join_key",
     "local_manifest",
     "manifest_digest",
@@ -47,10 +46,6 @@ __all__ = [
     "parse_uri",
     "push",
 ]
-
-
-def is_remote(uri: str | Path | Location) -> bool:
-    return uri.is_remote if isinstance(uri, Location) else str(uri).startswith("s3://")
 
 
 def open_store(uri: str | Path | Location, *, retry: RetryPolicy | None = None) -> tuple[Store, str]:
