@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from tessera.serve.adapters import AdapterConfig, AdapterError, BaseModelSpec, check_allowed, compatibility_problems
-from tessera.serve.engine import visible_text
-from tessera.serve.registry import read_adapters_file
+from tessera.serve.runtime.adapters import (
+    AdapterConfig,
+    AdapterError,
+    ServedBase,
+    check_allowed,
+    compatibility_problems,
+)
+from tessera.serve.runtime.engine import visible_text
+from tessera.serve.runtime.registry import read_adapters_file
 
-BASE = BaseModelSpec(
+BASE = ServedBase(
     name="tessera/tiny-llama",
     architecture="LlamaForCausalLM",
     vocab_size=2272,
@@ -181,7 +187,7 @@ def test_visible_text_holds_back_possible_stop_strings():
 
 def test_top_p_keeps_the_nucleus_only():
     import torch
-    from tessera.serve.sampling import SamplingParams, filter_top_p, next_tokens
+    from tessera.serve.runtime.sampling import SamplingParams, filter_top_p, next_tokens
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     assert filter_top_p(probs, 0.7).tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0])
@@ -210,7 +216,7 @@ def test_adapters_file_is_refused_whole_naming_the_bad_entry(tmp_path):
 
 
 def test_precision_follows_the_hardware():
-    from tessera.serve.base_model import choose_precision, cpu_threads
+    from tessera.serve.runtime.base_model import choose_precision, cpu_threads
 
     assert choose_precision(cuda=True, quantization="auto", dtype="auto", bf16_supported=True) == ("4bit", "bfloat16")
     assert choose_precision(cuda=True, quantization="8bit", dtype="auto", bf16_supported=False) == ("8bit", "float16")

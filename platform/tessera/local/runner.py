@@ -79,7 +79,7 @@ def run_job(job: FineTuneJob, *, fresh: bool = False, show_progress: bool = True
     from tessera.data import prepare
     from tessera.evaluate.report import format_table
     from tessera.evaluate.runner import evaluate_job
-    from tessera.train.publish import publish_job
+    from tessera.publish import publish_job
 
     ensure_base_model(job)
     if fresh:
