@@ -224,3 +224,24 @@ def test_precision_follows_the_hardware():
     assert choose_precision(cuda=False, quantization="4bit", dtype="bfloat16", bf16_supported=False) == (
         "4bit", "bfloat16")
     assert cpu_threads(3) == 3 and cpu_threads(None) >= 1
+
+
+def test_the_card_publish_writes_is_the_card_the_server_checks(tmp_path):
+    """`tessera publish` takes the base's identity from its config.json; the server refuses an adapter
+    whose card names another base, and accepts one whose card names its own."""
+    import json
+
+    from tessera.api.adapter_dir import MODEL_CARD_FILE, ModelCard
+    from tessera.publish import base_model_identity
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"], "vocab_size": 32000}))
+    architecture, vocab = base_model_identity(str(tmp_path))
+    card = json.loads(json.dumps(ModelCard(architecture=architecture, vocab_size=vocab).to_json()))
+    assert (card["architecture"], card["vocabSize"]) == ("MistralForCausalLM", 32000)
+    shapes = lora("model.layers.0.self_attn.q_proj", 8, 128, 128)
+    assert sorted(set(codes(AdapterConfig(), shapes, card))) == ["base_model_mismatch", "vocab_mismatch"]
+    own = ModelCard(architecture=BASE.architecture, vocab_size=BASE.vocab_size).to_json()
+    assert codes(AdapterConfig(), shapes, own) == []
+    assert base_model_identity(str(tmp_path / "missing")) == (None, None)
+    with pytest.raises(ValueError, match=f"{MODEL_CARD_FILE} is not a valid model card: vocabSize"):
+        ModelCard.read({"vocabSize": "many"})
