@@ -21,6 +21,7 @@ import copy
 from typing import Any
 
 import yaml
+from tessera.agent.rules import job_problems
 from tessera.api import GROUP, VERSION, Adapter, FineTuneJob, parse_resource
 from tessera.api.finetunejob import LAUNCHERS
 from tessera.api.naming import dns_label
@@ -83,6 +84,9 @@ def effective_job(body: dict[str, Any], config: OperatorConfig) -> FineTuneJob:
         raise InvalidSpecError([f"spec.distribution.launcher: {launcher_of(resource)} is not enabled in this "
                                 f"installation (enabled: {', '.join(config.launchers)}; the chart's "
                                 "training.launcher and training.otherLaunchers)"])
+    problems = job_problems(resource.spec, config.runtime_profile()) if resource.spec.serving.enabled else []
+    if problems:
+        raise InvalidSpecError(problems)
     return resource
 
 
@@ -206,10 +210,12 @@ def preview_training_objects(workflow: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def build_inference_service(adapter: Adapter, config: OperatorConfig) -> dict[str, Any]:
-    """The InferenceService that serves the adapter's base model with Tessera's runtime.
+    """The InferenceService that serves the adapter's base model with the installation's runtime.
 
     RawDeployment: predictors are plain Deployments whose pods keep their hot-loaded adapters,
-    with no scale-to-zero that would drop them.
+    with no scale-to-zero that would drop them. The serving container gets no store credential:
+    KServe's storage initializer brings the base model, the adapter agent the adapters. vLLM
+    serves a base trained in 4 bits quantized the same way (bitsandbytes, in flight).
     """
     spec = adapter.spec
     model: dict[str, Any] = {
@@ -217,8 +223,8 @@ def build_inference_service(adapter: Adapter, config: OperatorConfig) -> dict[st
         "runtime": config.serving_runtime,
         "storageUri": spec.base_model.uri,
     }
-    if spec.credentials_secret:
-        model["envFrom"] = [{"secretRef": {"name": spec.credentials_secret}}]
+    if config.serving_runtime_kind == "vllm" and spec.base_model.quantization_bits == 4:
+        model["args"] = ["--quantization=bitsandbytes"]
     metadata = _metadata(adapter.inference_service_name, adapter.metadata.namespace,
                          {"tessera.dev/base-model": dns_label(spec.base_model.uri.rstrip("/").rsplit("/", 1)[-1])},
                          None)
@@ -238,7 +244,8 @@ def build_adapter(job: FineTuneJob, published: dict[str, Any]) -> dict[str, Any]
         base = {"uri": base}
     spec: dict[str, Any] = {
         "baseModel": {"uri": base.get("uri") or job.spec.base_model.uri,
-                      "name": base.get("name") or job.spec.base_model.name},
+                      "name": base.get("name") or job.spec.base_model.name,
+                      "quantizationBits": job.spec.base_model.quantization.bits},
         "uri": published["uri"],
         "sha256": published.get("sha256"),
         "rank": published.get("rank") or job.spec.lora.rank,

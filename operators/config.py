@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tessera.agent.rules import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
 from tessera.api.finetunejob import Launcher
 from tessera_pipelines.interface import (
     DEFAULT_GPU_RESOURCE,
@@ -27,7 +29,11 @@ _ENV = {
     "store_secret": "TESSERA_STORE_SECRET",
     "poll_seconds": "TESSERA_POLL_SECONDS",
     "replica_port": "TESSERA_REPLICA_PORT",
+    "serving_runtime_kind": "TESSERA_SERVING_RUNTIME_KIND",
+    "max_lora_rank": "TESSERA_MAX_LORA_RANK",
+    "target_modules": "TESSERA_TARGET_MODULES",
 }
+_JSON_FIELDS = {"target_modules"}
 
 
 class OperatorConfig(BaseModel):
@@ -51,6 +57,15 @@ class OperatorConfig(BaseModel):
     poll_seconds: float = Field(10.0, gt=0)
     # Port of the adapter API on a predictor pod when its container declares none.
     replica_port: int = 8080
+    # What the serving runtime can serve (the chart's serving.runtime, maxLoraRank, targetModules):
+    # FineTuneJobs that would train an adapter it cannot serve are refused, vLLM's InferenceServices
+    # get --quantization=bitsandbytes for a 4-bit base.
+    serving_runtime_kind: RuntimeKind = "tessera"
+    max_lora_rank: int = Field(64, ge=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_TARGET_MODULES), min_length=1)
+
+    def runtime_profile(self) -> RuntimeProfile:
+        return RuntimeProfile(self.serving_runtime_kind, self.max_lora_rank, None, frozenset(self.target_modules))
 
     @field_validator("other_launchers", mode="before")
     @classmethod
@@ -66,4 +81,5 @@ class OperatorConfig(BaseModel):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
-        return cls.model_validate({field: env[name] for field, name in _ENV.items() if env.get(name)})
+        values = {field: env[name] for field, name in _ENV.items() if env.get(name)}
+        return cls.model_validate({k: json.loads(v) if k in _JSON_FIELDS else v for k, v in values.items()})

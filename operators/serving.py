@@ -3,7 +3,9 @@ Tessera's server shares with vLLM: `GET /v1/models`, `POST /v1/load_lora_adapter
 `POST /v1/unload_lora_adapter`.
 
 Replicas are the InferenceService's Ready pods (label `serving.kserve.io/inferenceservice`),
-reached at `podIP:port`, the port being the one the serving container declares (8080 by default).
+reached at `podIP:port`, the port being the one the adapter agent's container declares (it brings
+adapters from the store and loads them into vLLM or Tessera's server alike), else the serving
+container's (a runtime without the agent), else the configured default.
 Each pass asks every replica what it holds, so a replica that restarted and came back empty is
 found and loaded again; failed loads are retried with exponential backoff.
 """
@@ -18,6 +20,8 @@ import httpx
 from tessera.api import Adapter
 
 SERVING_CONTAINER = "kserve-container"
+# The sidecar that serves the adapter API on every predictor (tessera.agent); the operator calls it.
+AGENT_CONTAINER = "adapter-agent"
 LOAD_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 MAX_BACKOFF_SECONDS = 300.0
 
@@ -34,8 +38,9 @@ class AdapterApiError(Exception):
 
 
 def replica_url(pod: dict[str, Any], default_port: int) -> str:
-    containers = pod.get("spec", {}).get("containers") or []
-    serving = next((c for c in containers if c.get("name") == SERVING_CONTAINER), containers[0] if containers else {})
+    containers = {c.get("name"): c for c in pod.get("spec", {}).get("containers") or []}
+    serving = containers.get(AGENT_CONTAINER) or containers.get(SERVING_CONTAINER) or next(iter(containers.values()),
+                                                                                          {})
     ports = serving.get("ports") or []
     port = ports[0].get("containerPort", default_port) if ports else default_port
     return f"http://{pod['status']['podIP']}:{port}"

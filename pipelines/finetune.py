@@ -283,6 +283,8 @@ def build_workflow_template() -> dict[str, Any]:
         annotations={"workflows.argoproj.io/description": "Tessera: prepare, train, evaluate and publish "
                      "one FineTuneJob (created by the Tessera operator)."},
         service_account_name=SERVICE_ACCOUNT,
+        # Every step pod carries the job's label, as the training pods do: the chart's job NetworkPolicy selects by it.
+        pod_metadata=m.Metadata(labels={"tessera.dev/job": _param("job-name"), "tessera.dev/step": "pipeline"}),
         arguments=[Parameter(name=name, value=value) for name, value in PARAMETERS.items()],
         security_context=m.PodSecurityContext.model_validate(POD_SECURITY_CONTEXT),
         volumes=[m.Volume.model_validate(v) for v in STEP_VOLUMES],

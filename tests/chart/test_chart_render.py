@@ -13,6 +13,7 @@ what it should.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import re
@@ -24,7 +25,19 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.chart.helm import CHART, NAMESPACE, REPO, documents, lint, of_kind, one, render, require_helm, run_helm
+from tests.chart.helm import (
+    CHART,
+    NAMESPACE,
+    REPO,
+    documents,
+    lint,
+    of_kind,
+    one,
+    render,
+    require_helm,
+    run_helm,
+)
+from tests.chart.helm import template as helm_template
 from tests.crds.schemas import known_kinds, validate_against_crd
 
 # The chart's floor (Chart.yaml kubeVersion) and the newest schemas kubernetes-validate ships.
@@ -38,8 +51,10 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "gpu-node-pool": {
         "gpuNodePool.nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
         "gpuNodePool.tolerations": [GPU_TOLERATION],
-        "serving.runtime.gpus": 2,
+        "serving.vllm.gpus": 2,
+        "serving.vllm.extraArgs": ["--tensor-parallel-size=2"],
     },
+    "cpu-runtime": {"serving.runtime": "tessera", "serving.vllm.enabled": False, "serving.maxLoraRank": 16},
     "private-registry": {
         "global.imageRegistry": "registry.bank.internal/mirror",
         "global.imagePullSecrets": ["bank-registry"],
@@ -87,8 +102,18 @@ def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return deployment(docs)["spec"]["template"]["spec"]["containers"][0]
 
 
-def runtime_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    return one(docs, "ClusterServingRuntime")["spec"]["containers"][0]
+def runtime(docs: list[dict[str, Any]], name: str = "tessera-vllm") -> dict[str, Any]:
+    (found,) = [d for d in of_kind(docs, "ClusterServingRuntime") if d["metadata"]["name"] == name]
+    return found
+
+
+def runtime_container(docs: list[dict[str, Any]], name: str = "tessera-vllm") -> dict[str, Any]:
+    return container_named(runtime(docs, name)["spec"]["containers"], "kserve-container")
+
+
+def container_named(containers: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (found,) = [c for c in containers if c["name"] == name]
+    return found
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
@@ -395,33 +420,172 @@ def test_peering_object_also_in_kopf_dev_group_where_the_cluster_serves_it() -> 
 # --- serving runtime --------------------------------------------------------------------------
 
 
-def test_serving_runtime_serves_tessera_and_huggingface_on_8080_with_probes_and_adapter_list() -> None:
-    runtime = one(render(), "ClusterServingRuntime")
-    assert runtime["metadata"]["name"] == "tessera"
-    formats = {f["name"]: f for f in runtime["spec"]["supportedModelFormats"]}
-    assert set(formats) == {"tessera", "huggingface"}
-    assert formats["tessera"]["autoSelect"] is True and formats["huggingface"]["autoSelect"] is False
-    container = runtime["spec"]["containers"][0]
-    assert container["command"] == ["tessera", "serve"]
-    assert "--port=8080" in container["args"] and {"containerPort": 8080, "protocol": "TCP"} in container["ports"]
+RUNTIMES = {"tessera-vllm": "vllm", "tessera": "tessera"}
+
+
+def args_of(container: dict[str, Any]) -> dict[str, list[str]]:
+    """--option=value arguments → option → values (a flag alone has the value "")."""
+    out: dict[str, list[str]] = {}
+    for arg in container["args"]:
+        if arg.startswith("--"):
+            option, _, value = arg.partition("=")
+            out.setdefault(option, []).append(value)
+    return out
+
+
+def test_vllm_runtime_flags_derive_from_values() -> None:
+    docs = render({"serving.maxLoras": 4, "serving.maxLoraRank": 16, "serving.vllm.maxCpuLoras": 12,
+                   "serving.vllm.gpuMemoryUtilization": 0.85, "serving.vllm.maxModelLen": 4096})
+    container = runtime_container(docs)
+    assert container["command"] == ["vllm", "serve"] and container["args"][0] == "/mnt/models"
+    args = args_of(container)
+    assert {option: values for option, values in args.items() if option not in ("--host", "--served-model-name")} \
+        == {"--port": ["8080"], "--enable-lora": [""], "--max-loras": ["4"], "--max-lora-rank": ["16"],
+            "--max-cpu-loras": ["12"], "--gpu-memory-utilization": ["0.85"], "--max-model-len": ["4096"],
+            "--middleware": ["tessera_adapter_guard.LoopbackOnlyAdapterApi"]}
+    # KServe fills {{.Name}} with the InferenceService's name, as its own vLLM runtime does.
+    assert args["--served-model-name"] == ["{{.Name}}"]
+    assert env_of(container)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env_of(container)["HF_HUB_OFFLINE"] == "1"
+    assert not re.search(r":(latest)?$", container["image"]) and container["image"].startswith("docker.io/vllm/")
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"]["port"] == 8080, probe
-    (adapters_file,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--adapters-file=")]
-    (mount,) = [m for m in container["volumeMounts"] if adapters_file.startswith(m["mountPath"] + "/")]
-    (volume,) = [v for v in runtime["spec"]["volumes"] if v["name"] == mount["name"]]
-    assert volume["configMap"] == {"name": "tessera-adapters", "optional": True}
+        assert container[probe]["httpGet"] == {"path": "/health", "port": 8080}, probe
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert container["envFrom"] == [{"secretRef": {"name": DEFAULT_SECRET}}]
+    # The runtime holds no store credential: the agent alone fetches.
+    assert "envFrom" not in container
+    # Fewer CPU-cached adapters than GPU slots is no configuration vLLM accepts: the chart lifts it.
+    assert args_of(runtime_container(render({"serving.maxLoras": 16, "serving.vllm.maxCpuLoras": 4})))[
+        "--max-cpu-loras"] == ["16"]
 
 
-def test_gpu_node_pool_places_the_predictors_on_it() -> None:
+def test_runtime_kinds_and_model_formats() -> None:
+    docs = render()
+    vllm, tessera = runtime(docs, "tessera-vllm")["spec"], runtime(docs, "tessera")["spec"]
+    assert {f["name"] for f in vllm["supportedModelFormats"]} == {"tessera", "vLLM"}
+    assert {f["name"] for f in tessera["supportedModelFormats"]} == {"tessera", "huggingface"}
+    priority = {name: next(f["priority"] for f in runtime(docs, name)["spec"]["supportedModelFormats"]
+                           if f["name"] == "tessera") for name in RUNTIMES}
+    assert priority["tessera-vllm"] > priority["tessera"]
+    server = runtime_container(docs, "tessera")
+    assert server["command"] == ["tessera", "serve"]
+    # Tessera's server loads adapters only from the volume the agent fills, and holds no credential.
+    assert args_of(server)["--allowed-prefix"] == ["/mnt/adapters"] and "envFrom" not in server
+    assert not any("gpu" in key for part in server["resources"].values() for key in part)
+    assert "nodeSelector" not in tessera and "tolerations" not in tessera
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_every_predictor_pod_has_the_adapter_agent_sharing_the_adapters_volume(name: str) -> None:
+    docs = render()
+    spec = runtime(docs, name)["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["kserve-container", "adapter-agent"]
+    server, agent = spec["containers"]
+    args = args_of(agent)
+    assert agent["command"] == ["tessera", "adapter-agent"] and args["--runtime"] == [RUNTIMES[name]]
+    assert agent["image"] == operator_container(docs)["image"]
+    assert args["--runtime-url"] == [f"http://127.0.0.1:{server['ports'][0]['containerPort']}"]
+    assert args["--max-lora-rank"] == args_of(server)["--max-lora-rank"]
+    assert args["--allowed-prefix"] == ["s3://tessera"]
+    # Both mount the one adapters volume at the path the agent hands the runtime; only the agent writes.
+    (adapters_dir,) = args["--adapters-dir"]
+    mounts = {c["name"]: {m["mountPath"]: m for m in c["volumeMounts"]}[adapters_dir] for c in (server, agent)}
+    assert mounts["kserve-container"]["readOnly"] is True and not mounts["adapter-agent"].get("readOnly")
+    assert mounts["kserve-container"]["name"] == mounts["adapter-agent"]["name"]
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}[mounts["adapter-agent"]["name"]]
+    # The operator calls the agent's port; the agent has the store Secret, by name only.
+    assert env_of(operator_container(docs))["TESSERA_REPLICA_PORT"] == str(agent["ports"][0]["containerPort"])
+    assert agent["envFrom"] == [{"secretRef": {"name": DEFAULT_SECRET}}]
+    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+@pytest.mark.parametrize(("values", "name", "kind"), [({}, "tessera-vllm", "vllm"),
+                                                     (COMBINATIONS["cpu-runtime"], "tessera", "tessera")])
+def test_serving_runtime_value_picks_the_runtime_the_operator_uses(values: dict[str, Any], name: str,
+                                                                    kind: str) -> None:
+    docs = render(values)
+    env = env_of(operator_container(docs))
+    assert (env["TESSERA_SERVING_RUNTIME"], env["TESSERA_SERVING_RUNTIME_KIND"]) == (name, kind)
+    assert env["TESSERA_MAX_LORA_RANK"] == str(values.get("serving.maxLoraRank", 64))
+
+
+def predictor_pod(runtime_spec: dict[str, Any], isvc: dict[str, Any]) -> dict[str, Any]:
+    """The pod KServe (RawDeployment) makes of a ServingRuntime for an InferenceService: the runtime's
+    containers and volumes, the model's args appended to kserve-container's and {{.Name}} filled in,
+    the storage initializer as an init container writing /mnt/models, the runtime's labels."""
+    model = isvc["spec"]["predictor"]["model"]
+    containers = copy.deepcopy(runtime_spec["containers"])
+    server = container_named(containers, "kserve-container")
+    server["args"] = [a.replace("{{.Name}}", isvc["metadata"]["name"]) for a in server["args"]] + model.get("args", [])
+    server["volumeMounts"].append({"name": "kserve-provision-location", "mountPath": "/mnt/models", "readOnly": True})
+    initializer = {"name": "storage-initializer", "image": "kserve/storage-initializer:v0.15.0",
+                   "args": [model["storageUri"], "/mnt/models"],
+                   "volumeMounts": [{"name": "kserve-provision-location", "mountPath": "/mnt/models"}]}
+    spec = {key: copy.deepcopy(runtime_spec[key]) for key in ("nodeSelector", "tolerations", "imagePullSecrets")
+            if key in runtime_spec}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{isvc['metadata']['name']}-predictor-abc", "labels": runtime_spec["labels"]},
+            "spec": {**spec, "initContainers": [initializer], "containers": containers,
+                     "volumes": [*runtime_spec["volumes"], {"name": "kserve-provision-location", "emptyDir": {}}]}}
+
+
+@pytest.mark.parametrize("combination", ["default", "gpu-node-pool", "cpu-runtime", "private-registry"])
+def test_predictor_pod_of_the_operators_inference_service_is_a_valid_pod(combination: str) -> None:
+    from tessera.api import Adapter
+    from tessera_operator.builders import build_inference_service
+    from tessera_operator.config import OperatorConfig
+
+    docs = render(COMBINATIONS[combination])
+    env = env_of(operator_container(docs))
+    config = OperatorConfig.from_env(env)
+    document = yaml.safe_load((REPO / "examples" / "adapter.yaml").read_text())
+    document["spec"]["baseModel"]["quantizationBits"] = 4
+    isvc = build_inference_service(Adapter.model_validate(document), config)
+    assert validate_against_crd(isvc) == []
+    pod = predictor_pod(runtime(docs, env["TESSERA_SERVING_RUNTIME"])["spec"], isvc)
+    assert schema_problems(pod) == []
+    server = container_named(pod["spec"]["containers"], "kserve-container")
+    if env["TESSERA_SERVING_RUNTIME_KIND"] == "vllm":
+        assert server["args"][-1] == "--quantization=bitsandbytes"
+        assert f"--served-model-name={isvc['metadata']['name']}" in server["args"]
+    # Every mount names a volume of the pod.
+    volumes = {v["name"] for v in pod["spec"]["volumes"]}
+    for container in pod["spec"]["containers"] + pod["spec"]["initContainers"]:
+        assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes, container["name"]
+
+
+def test_vllm_loads_the_adapter_api_guard_from_a_configmap_in_every_job_namespace() -> None:
+    """vLLM's adapter API shares its inference port: the guard (tessera/agent/guard.py) refuses it to
+    anyone but the agent in the pod; the chart carries the module itself, unchanged."""
+    docs = render({"jobNamespaces": ["research", "risk"]})
+    guard = (REPO / "platform" / "tessera" / "agent" / "guard.py").read_text()
+    configmaps = {c["metadata"]["namespace"]: c for c in of_kind(docs, "ConfigMap")
+                  if c["metadata"]["name"] == "tessera-vllm-adapter-guard"}
+    assert set(configmaps) == {"research", "risk"}
+    assert all(c["data"] == {"tessera_adapter_guard.py": guard} for c in configmaps.values())
+    spec = runtime(docs)["spec"]
+    container = runtime_container(docs)
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "adapter-guard"]
+    assert env_of(container)["PYTHONPATH"] == mount["mountPath"] and mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "adapter-guard"]
+    assert volume["configMap"] == {"name": "tessera-vllm-adapter-guard"}
+    assert of_kind(render({"serving.vllm.enabled": False, "serving.runtime": "tessera"}), "ConfigMap") == []
+
+
+def test_choosing_a_disabled_runtime_is_refused() -> None:
+    result = helm_template({"serving.runtime": "vllm", "serving.vllm.enabled": False})
+    assert result.returncode != 0 and "serving.vllm.enabled is false" in result.stderr
+
+
+def test_gpu_node_pool_places_the_gpu_predictors_on_it() -> None:
     values = COMBINATIONS["gpu-node-pool"]
     docs = render(values)
-    runtime = one(docs, "ClusterServingRuntime")["spec"]
-    assert runtime["nodeSelector"] == values["gpuNodePool.nodeSelector"]
-    assert runtime["tolerations"] == [GPU_TOLERATION]
-    resources = runtime["containers"][0]["resources"]
+    spec = runtime(docs)["spec"]
+    assert spec["nodeSelector"] == values["gpuNodePool.nodeSelector"]
+    assert spec["tolerations"] == [GPU_TOLERATION]
+    resources = runtime_container(docs)["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "2"
+    assert "--tensor-parallel-size=2" in runtime_container(docs)["args"]
+    assert "nodeSelector" not in runtime(docs, "tessera")["spec"]
     assert deployment(docs)["spec"]["template"]["spec"].get("tolerations") is None
 
 
@@ -439,11 +603,6 @@ def test_gpu_resource_name_reaches_runtime_operator_and_workflow() -> None:
     assert set(substituted(template, "trainjob")["spec"]["trainer"]["resourcesPerNode"]["limits"]) == {"amd.com/gpu"}
 
 
-def test_cpu_only_serving_requests_no_gpu() -> None:
-    resources = runtime_container(render({"serving.runtime.gpus": 0}))["resources"]
-    assert not any("gpu" in key for part in resources.values() for key in part)
-
-
 # --- images and registries --------------------------------------------------------------------
 
 
@@ -459,17 +618,20 @@ def all_images(docs: list[dict[str, Any]]) -> list[str]:
 def test_default_images_are_the_projects_at_the_chart_app_version() -> None:
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     images = set(all_images(render()))
-    assert images == {f"ghcr.io/tessera-ml/tessera-{name}:{app_version}" for name in ("operator", "server", "trainer")}
+    vllm = yaml.safe_load((CHART / "values.yaml").read_text())["images"]["vllm"]
+    ours = {f"ghcr.io/tessera-ml/tessera-{name}:{app_version}" for name in ("operator", "server", "trainer")}
+    assert images == ours | {f"docker.io/vllm/vllm-openai:{vllm['tag']}"}
 
 
 def test_private_registry_rewrites_every_image_and_hands_out_the_pull_secret() -> None:
     docs = render(COMBINATIONS["private-registry"])
     images = all_images(docs)
-    assert images and all(i.startswith("registry.bank.internal/mirror/tessera-ml/") for i in images), images
-    assert runtime_container(docs)["image"].endswith("@sha256:" + "ab" * 32)
+    assert images and all(i.startswith(("registry.bank.internal/mirror/tessera-ml/",
+                                        "registry.bank.internal/mirror/vllm/")) for i in images), images
+    assert runtime_container(docs, "tessera")["image"].endswith("@sha256:" + "ab" * 32)
     pull = [{"name": "bank-registry"}]
     assert deployment(docs)["spec"]["template"]["spec"]["imagePullSecrets"] == pull
-    assert one(docs, "ClusterServingRuntime")["spec"]["imagePullSecrets"] == pull
+    assert all(r["spec"]["imagePullSecrets"] == pull for r in of_kind(docs, "ClusterServingRuntime"))
     template = one(docs, "WorkflowTemplate")
     assert template["spec"]["imagePullSecrets"] == pull
     (account,) = [sa for sa in of_kind(docs, "ServiceAccount")
@@ -488,37 +650,83 @@ def test_store_endpoint_and_secret_reach_the_operator_and_the_predictors() -> No
     env = env_of(operator)
     assert (env["S3_ENDPOINT"], env["S3_USE_HTTPS"]) == ("minio.storage:9000", "1")
     assert (env["TESSERA_STORE_URI"], env["TESSERA_STORE_SECRET"]) == ("s3://bank-ml/tessera", "s3-creds")
-    runtime = runtime_container(docs)
-    assert env_of(runtime)["S3_ENDPOINT"] == "minio.storage:9000"
-    assert "--allowed-prefix=s3://bank-ml/tessera" in runtime["args"]
+    agents = [container_named(r["spec"]["containers"], "adapter-agent") for r in of_kind(docs, "ClusterServingRuntime")]
+    for agent in agents:
+        assert env_of(agent)["S3_ENDPOINT"] == "minio.storage:9000"
+        assert agent["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        assert "--allowed-prefix=s3://bank-ml/tessera" in agent["args"]
     template = one(docs, "WorkflowTemplate")
     assert {"name": "store-secret", "value": "s3-creds"} in template["spec"]["arguments"]["parameters"]
     # No credential value is ever rendered: only the Secret's name travels.
-    assert not any(e.get("name", "").startswith("AWS_SECRET") for c in (operator, runtime) for e in c["env"])
+    assert not any(e.get("name", "").startswith("AWS_SECRET") for c in (operator, *agents) for e in c["env"])
 
 
 # --- NetworkPolicies and ServiceMonitor -------------------------------------------------------
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    return selector.get("matchLabels", {}).items() <= labels.items()
+    expressions = selector.get("matchExpressions", [])
+    assert all(e["operator"] == "Exists" for e in expressions), "only Exists is modelled here"
+    return selector.get("matchLabels", {}).items() <= labels.items() and all(e["key"] in labels for e in expressions)
+
+
+def policies_selecting(docs: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
+    return [p["spec"] for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], labels)]
+
+
+def ports_of(rule: dict[str, Any]) -> set[int]:
+    return {port["port"] for port in rule.get("ports", [])}
 
 
 def test_network_policies_cover_operator_egress_and_predictor_ingress() -> None:
     docs = render()
-    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
     operator_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
-    predictor_labels = one(docs, "ClusterServingRuntime")["spec"]["labels"]
-    (operator,) = [p for p in policies.values() if selects(p["podSelector"], operator_labels)]
-    (predictors,) = [p for p in policies.values() if selects(p["podSelector"], predictor_labels)]
+    predictor_labels = runtime(docs)["spec"]["labels"]
+    (operator,) = policies_selecting(docs, operator_labels)
+    (predictors,) = policies_selecting(docs, predictor_labels)
     assert operator["policyTypes"] == ["Ingress", "Egress"] and operator["ingress"] == []
-    egress_ports = {port["port"] for rule in operator["egress"] for port in rule["ports"]}
-    assert {53, 443, 6443, 9000, 8080} <= egress_ports
-    (to_predictors,) = [r for r in operator["egress"] if r["ports"] == [{"protocol": "TCP", "port": 8080}]]
+    egress_ports = {port for rule in operator["egress"] for port in ports_of(rule)}
+    assert egress_ports == {53, 443, 6443, 9000, 8085}  # not the predictors' inference port
+    (to_predictors,) = [r for r in operator["egress"] if ports_of(r) == {8085}]
     assert all(selects(peer["podSelector"], predictor_labels) for peer in to_predictors["to"])
-    sources = predictors["ingress"][0]["from"]
-    assert any(selects(peer.get("podSelector", {}), operator_labels) and peer.get("namespaceSelector")
-               == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}} for peer in sources)
+
+
+def test_only_the_operator_reaches_the_adapter_api_and_callers_only_the_inference_port() -> None:
+    """The load/unload API is the agent's port: any other pod of the namespace, or a gateway, reaches
+    the runtime's inference port only."""
+    docs = render()
+    operator_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    (predictors,) = policies_selecting(docs, runtime(docs)["spec"]["labels"])
+    assert predictors["policyTypes"] == ["Ingress", "Egress"]
+    by_port = {frozenset(ports_of(rule)): rule["from"] for rule in predictors["ingress"]}
+    assert set(by_port) == {frozenset({8085}), frozenset({8080})}
+    (operator_peer,) = by_port[frozenset({8085})]
+    assert selects(operator_peer["podSelector"], operator_labels)
+    assert operator_peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+    assert {"podSelector": {}} in by_port[frozenset({8080})]
+    # Out of the pod: DNS and the store (storage initializer, agent); no API server, nothing else.
+    assert {port for rule in predictors["egress"] for port in ports_of(rule)} == {53, 9000}
+    assert all(rule.get("ports") for rule in predictors["egress"])
+
+
+def test_job_pods_talk_to_each_other_the_store_and_the_api_server_only() -> None:
+    docs = render(COMBINATIONS["namespaced"])
+    (jobs,) = [p["spec"] for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-jobs")]
+    template = one(docs, "WorkflowTemplate")
+    worker_labels = substituted(template)["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
+        "metadata"]["labels"]
+    step_labels = template["spec"]["podMetadata"]["labels"]
+    expression = jobs["podSelector"]["matchExpressions"][0]
+    assert expression == {"key": "tessera.dev/job", "operator": "Exists"}
+    assert expression["key"] in worker_labels and expression["key"] in step_labels
+    assert jobs["ingress"] == [{"from": [{"podSelector": jobs["podSelector"]}]}]
+    open_egress = [rule for rule in jobs["egress"] if not rule.get("ports")]
+    assert open_egress == [{"to": [{"podSelector": jobs["podSelector"]}]}]
+    assert {port for rule in jobs["egress"] for port in ports_of(rule)} == {53, 443, 6443, 9000}
+    (to_api,) = [r for r in jobs["egress"] if 443 in ports_of(r)]
+    assert to_api["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    namespaces = {p["metadata"]["namespace"] for p in of_kind(docs, "NetworkPolicy") if "jobs" in p["metadata"]["name"]}
+    assert namespaces == {"research"}
 
 
 def test_network_policies_can_be_turned_off() -> None:
@@ -537,12 +745,12 @@ def test_service_monitor_scrapes_tessera_predictors_only() -> None:
     monitor = one(docs, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    runtime = one(docs, "ClusterServingRuntime")["spec"]
-    assert monitor["spec"]["selector"]["matchLabels"] == runtime["labels"]
+    runtime_spec = runtime(docs)["spec"]
+    assert monitor["spec"]["selector"]["matchLabels"] == runtime_spec["labels"]
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["targetPort"] == runtime["containers"][0]["ports"][0]["containerPort"]
-    assert endpoint["path"] == runtime["annotations"]["prometheus.kserve.io/path"] == "/metrics"
+    assert endpoint["targetPort"] == runtime_spec["containers"][0]["ports"][0]["containerPort"]
+    assert endpoint["path"] == runtime_spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
     assert of_kind(render(), "ServiceMonitor") == []
 
 

@@ -1,18 +1,23 @@
-"""The ClusterServingRuntime's container, run as a local process: its command and arguments, as
-the chart renders them, start `tessera serve`, and the probe paths the chart gives KServe answer.
+"""The `tessera` ClusterServingRuntime's predictor pod, run as local processes: its two containers'
+commands, arguments and plain env as the chart renders them start `tessera serve` and the adapter
+agent, the probe paths the chart gives KServe answer, and the agent loads an adapter from the store
+into the server through the shared volume.
 
-What stands in for the pod: no kubelet or KServe runs here. The process gets the container's
-command, arguments and plain env from the rendered chart, with the pod's paths mapped to a
-temporary directory: /mnt/models (where KServe's storage initializer puts the base model) holds
-the tiny base model, and the adapter-list ConfigMap's mount is a directory that holds the list,
-or nothing, as when the optional ConfigMap does not exist. The bind address and port become
-127.0.0.1 and a free port.
+What stands in for the pod: no kubelet or KServe runs here. Each container is a process with the
+pod's paths mapped to a temporary directory: /mnt/models (where KServe's storage initializer puts
+the base model) holds the tiny base model, /mnt/adapters (the emptyDir both containers mount) is
+one local directory. Bind addresses and ports become 127.0.0.1 and free ports; the store Secret's
+keys come from the session's S3 server (moto, standing in for MinIO), and so does S3_ENDPOINT, which
+the chart sets to the in-cluster MinIO.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -20,11 +25,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
 from tests.chart.helm import one, render
 from tests.processes import stop
+from tests.serve.helpers import s3_environment
 
 pytestmark = pytest.mark.slow
 
@@ -36,20 +43,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_tiny(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def runtime_container() -> dict[str, Any]:
-    return one(render(), "ClusterServingRuntime")["spec"]["containers"][0]
+def pod() -> dict[str, dict[str, Any]]:
+    spec = one([d for d in render() if d["kind"] == "ClusterServingRuntime" and d["metadata"]["name"] == "tessera"],
+               "ClusterServingRuntime")["spec"]
+    return {c["name"]: c for c in spec["containers"]}
 
 
-def local_command(container: dict[str, Any], *, model: Path, adapters_dir: Path, port: int) -> list[str]:
-    mounts = {m["mountPath"]: adapters_dir for m in container["volumeMounts"] if m["name"] == "adapters"}
-    (adapters_mount,) = mounts
-    mapped = {"--model": str(model), "--host": "127.0.0.1", "--port": str(port)}
+def local_command(container: dict[str, Any], paths: dict[str, Path], ports: dict[int, int]) -> list[str]:
+    """The container's argv with its mount paths, bind address and ports mapped to this machine."""
     args = []
     for arg in container["args"]:
-        option, _, value = arg.partition("=")
-        if option == "--adapters-file":
-            value = str(adapters_dir / Path(value).relative_to(adapters_mount))
-        args.append(f"{option}={mapped.get(option, value)}")
+        for mount, local in paths.items():
+            arg = arg.replace(mount, str(local))
+        arg = arg.replace("--host=0.0.0.0", "--host=127.0.0.1")
+        for port, local_port in ports.items():
+            arg = re.sub(rf"([=:]){port}$", rf"\g<1>{local_port}", arg)
+        args.append(arg)
     executable = shutil.which(container["command"][0])
     assert executable, f"{container['command'][0]} is not installed"
     return [executable, *container["command"][1:], *args]
@@ -65,59 +74,97 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def probe_url(container: dict[str, Any], probe: str, port: int) -> str:
-    return f"http://127.0.0.1:{port}{container[probe]['httpGet']['path']}"
-
-
 @pytest.fixture
-def start_runtime(tiny_model: Path, tmp_path: Path, free_port: int) -> Iterator[Any]:
+def start_pod(tiny_model: Path, tmp_path: Path, s3_server: str) -> Iterator[Any]:
     started: list[subprocess.Popen] = []
 
-    def start(adapter_list: str | None) -> tuple[dict[str, Any], int, Path]:
-        container = runtime_container()
-        adapters_dir = tmp_path / "adapters"
-        adapters_dir.mkdir()
-        if adapter_list is not None:
-            adapters_file = next(a for a in container["args"] if a.startswith("--adapters-file="))
-            (adapters_dir / Path(adapters_file.split("=", 1)[1]).name).write_text(adapter_list)
-        env = os.environ | {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        env |= {"HF_HOME": str(tmp_path / "hf")}
-        log = tmp_path / "serve.log"
-        with log.open("wb") as output:
-            started.append(subprocess.Popen(
-                local_command(container, model=tiny_model, adapters_dir=adapters_dir, port=free_port),
-                env=env, stdout=output, stderr=subprocess.STDOUT,
-            ))
-        startup = container["startupProbe"]
+    def start() -> tuple[dict[str, dict[str, Any]], dict[int, int], Path]:
+        containers = pod()
+        server, agent = containers["kserve-container"], containers["adapter-agent"]
+        paths = {"/mnt/models": tiny_model, "/mnt/adapters": tmp_path / "adapters"}
+        (tmp_path / "adapters").mkdir()
+        ports = {p["containerPort"]: _unused_port() for c in (server, agent) for p in c["ports"]}
+        for container in (server, agent):
+            env = os.environ | {e["name"]: e["value"] for e in container["env"] if "value" in e}
+            env |= {"HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+            if container.get("envFrom"):  # the store Secret
+                env |= s3_environment(s3_server)
+            with (tmp_path / f"{container['name']}.log").open("wb") as output:
+                started.append(subprocess.Popen(local_command(container, paths, ports), env=env, stdout=output,
+                                                stderr=subprocess.STDOUT))
+        startup = server["startupProbe"]
         deadline = time.monotonic() + min(startup["periodSeconds"] * startup["failureThreshold"], 180)
-        while get(probe_url(container, "startupProbe", free_port))[0] != 200:
-            assert started[0].poll() is None, f"tessera serve exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"startup probe never passed:\n{log.read_text()[-3000:]}"
+        while get(probe_url(server, "startupProbe", ports))[0] != 200:
+            assert started[0].poll() is None, f"tessera serve exited:\n{log_of(tmp_path, server)}"
+            assert time.monotonic() < deadline, f"startup probe never passed:\n{log_of(tmp_path, server)}"
             time.sleep(0.5)
-        return container, free_port, log
+        return containers, ports, tmp_path
 
     yield start
     for process in started:
         stop(process)
 
 
-def wait_ready(container: dict[str, Any], port: int, log: Path, seconds: float = 30) -> None:
+def log_of(root: Path, container: dict[str, Any]) -> str:
+    return (root / f"{container['name']}.log").read_text()[-3000:]
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def probe_url(container: dict[str, Any], probe: str, ports: dict[int, int]) -> str:
+    get_ = container[probe]["httpGet"]
+    port = get_["port"] if isinstance(get_["port"], int) else next(
+        p["containerPort"] for p in container["ports"] if p.get("name") == get_["port"])
+    return f"http://127.0.0.1:{ports[port]}{get_['path']}"
+
+
+def wait_ready(container: dict[str, Any], ports: dict[int, int], root: Path, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
-    while get(probe_url(container, "readinessProbe", port))[0] != 200:
-        assert time.monotonic() < deadline, f"readiness probe never passed:\n{log.read_text()[-3000:]}"
+    while get(probe_url(container, "readinessProbe", ports))[0] != 200:
+        assert time.monotonic() < deadline, f"readiness probe never passed:\n{log_of(root, container)}"
         time.sleep(0.5)
 
 
-def test_runtime_container_serves_its_probes_and_metrics(start_runtime: Any) -> None:
-    container, port, log = start_runtime(adapter_list="[]\n")
-    assert get(probe_url(container, "livenessProbe", port))[0] == 200
-    wait_ready(container, port, log)
-    status, body = get(f"http://127.0.0.1:{port}/metrics")
+def test_runtime_container_serves_its_probes_and_metrics(start_pod: Any) -> None:
+    containers, ports, root = start_pod()
+    server = containers["kserve-container"]
+    assert get(probe_url(server, "livenessProbe", ports))[0] == 200
+    wait_ready(server, ports, root)
+    status, body = get(f"http://127.0.0.1:{ports[8080]}/metrics")
     assert status == 200 and "# HELP" in body
-    status, body = get(f"http://127.0.0.1:{port}/openai/v1/models")
+    status, body = get(f"http://127.0.0.1:{ports[8080]}/openai/v1/models")
     assert status == 200 and "tiny" in body
 
 
-def test_runtime_turns_ready_without_the_adapter_list_configmap(start_runtime: Any) -> None:
-    container, port, log = start_runtime(adapter_list=None)
-    wait_ready(container, port, log, seconds=5)
+def test_agent_container_brings_an_adapter_from_the_store_into_the_server(start_pod: Any, tiny_model: Path,
+                                                                          s3_server: str, tmp_path: Path) -> None:
+    """The operator's client, pointed at the agent's port, loads an adapter published under the chart's
+    store URI; the server then answers with it, having read it from the shared volume only."""
+    from tessera.api import Adapter
+    from tessera.serve.runtime.adapters import weights_sha256
+    from tessera.store import push
+    from tessera_operator.serving import AdapterApi, Backoff, Replica, sync_replica
+
+    from tests.serve.helpers import make_adapter
+
+    made = make_adapter(tiny_model, tmp_path / "made" / "fpb", seed=1)
+    with mock.patch.dict(os.environ, s3_environment(s3_server)):
+        uri = push(made, "s3://tessera/adapters/default/fpb/v1")
+    containers, ports, root = start_pod()
+    agent = containers["adapter-agent"]
+    wait_ready(containers["kserve-container"], ports, root)
+    wait_ready(agent, ports, root)
+    adapter = Adapter.model_validate({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "Adapter", "metadata": {"name": "fpb", "namespace": "default"},
+        "spec": {"baseModel": {"uri": "s3://tessera/models/tiny"}, "uri": uri, "sha256": weights_sha256(made),
+                 "credentialsSecret": "tessera-store"}})
+    replica = Replica("predictor-0", "uid", f"http://127.0.0.1:{ports[agent['ports'][0]['containerPort']]}")
+    entry = sync_replica(AdapterApi(), replica, adapter, Backoff())
+    assert entry["state"] == "Loaded", (entry, log_of(root, agent))
+    status, body = get(f"http://127.0.0.1:{ports[8080]}/v1/models")
+    card = {c["id"]: c for c in json.loads(body)["data"]}["fpb"]
+    assert Path(card["root"]).is_relative_to(root / "adapters")

@@ -35,12 +35,16 @@ What stands in for what:
   group at once (torchrun needs every node back), within the PyTorchJob's `runPolicy.backoffLimit`
   or the `node` Job's `backoffLimit`; `kill_master`/`kill_node` SIGKILL rank 0, as a preemption or a
   lost node would.
-- `KServeController` is KServe with Tessera's ServingRuntime: for an InferenceService it starts
-  `tessera serve --model <storageUri>` per replica on a free 127.0.0.1 port, registers a Pod
-  (label `serving.kserve.io/inferenceservice`, container `kserve-container` declaring that port,
-  podIP 127.0.0.1) that turns Ready when the server's readiness endpoint answers, and marks the
-  InferenceService Ready with its URL. `restart_replica` restarts a replica's server in place, as
-  a container restart would, emptying its adapters.
+- `KServeController` is KServe with Tessera's ServingRuntime (tessera runtime + adapter agent, as the
+  chart's): for an InferenceService it starts, per replica, `tessera serve --model <storageUri>`
+  and `tessera adapter-agent` beside it on free 127.0.0.1 ports, sharing an adapters directory (the
+  pod's emptyDir), the agent with the store Secret the chart gives it (`tessera-store`); the same
+  Secret's keys stand in for KServe's storage initializer, which fetches the base model (here the
+  server reads `storageUri` itself). It registers a Pod (label `serving.kserve.io/inferenceservice`,
+  containers `kserve-container` and `adapter-agent` declaring their ports, podIP 127.0.0.1) that
+  turns Ready when both answer, and marks the InferenceService Ready with the server's URL.
+  `restart_replica` restarts a replica's server in place, as a container restart would, emptying it
+  of adapters; the agent beside it stays.
 """
 
 from __future__ import annotations
@@ -682,8 +686,14 @@ class TrainerController(Controller):
 class Replica:
     pod_name: str
     port: int
+    agent_port: int
     process: PodProcess | None = None
+    agent: PodProcess | None = None
     restarts: int = 0
+
+
+# The Secret the chart's adapter agent (and KServe's storage initializer) reads: store.existingSecret.
+STORE_SECRET = "tessera-store"  # noqa: S105 (a Secret's name)
 
 
 class KServeController(Controller):
@@ -699,13 +709,13 @@ class KServeController(Controller):
         meta, predictor = isvc["metadata"], isvc["spec"]["predictor"]
         namespace, name = meta["namespace"], meta["name"]
         model = predictor["model"]
-        container = self._container(model)
-        replicas = [Replica(f"{name}-predictor-{i}", free_port()) for i in range(int(predictor.get("minReplicas", 1)))]
+        replicas = [Replica(f"{name}-predictor-{i}", free_port(), free_port())
+                    for i in range(int(predictor.get("minReplicas", 1)))]
         self.replicas[f"{namespace}/{name}"] = replicas
         try:
             for replica in replicas:
                 try:
-                    await self._start(namespace, name, replica, container)
+                    await self._start(namespace, name, replica, model)
                 except PodStartError as error:
                     await self._pod_status(namespace, replica, ready=False, reason=str(error))
                     await self.patch_status(isvc, {"conditions": [
@@ -721,66 +731,92 @@ class KServeController(Controller):
             await asyncio.Event().wait()  # serve until the InferenceService is deleted
         finally:
             for replica in replicas:
-                if replica.process is not None:
-                    replica.process.kill()
+                for process in (replica.process, replica.agent):
+                    if process is not None:
+                        process.kill()
                 with contextlib.suppress(ApiError):
                     await self.server.delete(self.pod_kind, namespace, replica.pod_name)
 
-    async def _start(self, namespace: str, isvc: str, replica: Replica, container: dict[str, Any]) -> None:
-        pod_container = {**container, "command": [*container["command"], "--port", str(replica.port)],
-                         "ports": [{"containerPort": replica.port, "protocol": "TCP"}]}
+    def _adapters_dir(self, namespace: str, replica: Replica) -> Path:
+        path = self.pods.root / namespace / replica.pod_name / "volumes" / "adapters"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def _start(self, namespace: str, isvc: str, replica: Replica, model: dict[str, Any],
+                     server_only: bool = False) -> None:
+        shared = self._adapters_dir(namespace, replica)
+        server, agent = self._containers(model, replica, shared)
         pod = {"metadata": {"name": replica.pod_name, "namespace": namespace,
                             "labels": {"serving.kserve.io/inferenceservice": isvc, "component": "predictor"}},
-               "spec": {"containers": [pod_container]}}
+               "spec": {"containers": [server, agent]}}
         if self.server.get(self.pod_kind, namespace, replica.pod_name) is None:
             await self.server.create(self.pod_kind, namespace, pod)
         await self._pod_status(namespace, replica, ready=False)
-        replica.process = await self.pods.start(replica.pod_name, namespace, {}, pod_container)
-        url = f"http://127.0.0.1:{replica.port}/v2/health/ready"
+        replica.process = await self.pods.start(replica.pod_name, namespace, {}, server)
+        if not server_only:
+            replica.agent = await self.pods.start(replica.pod_name, namespace, {}, agent)
         deadline = asyncio.get_running_loop().time() + self.ready_timeout
         async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                if replica.process.process.returncode is not None:
-                    raise PodStartError(f"CrashLoopBackOff: {replica.process.termination_message()[-500:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(url)).status_code == 200:
-                        break
-                if asyncio.get_running_loop().time() > deadline:
-                    raise PodStartError(f"{replica.pod_name} not ready after {self.ready_timeout}s")
-                await asyncio.sleep(0.2)
+            for process, url in ((replica.process, f"http://127.0.0.1:{replica.port}/v2/health/ready"),
+                                 (replica.agent, f"http://127.0.0.1:{replica.agent_port}/healthz")):
+                while True:
+                    if process.process.returncode is not None:
+                        raise PodStartError(f"CrashLoopBackOff: {process.termination_message()[-500:]}")
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(url)).status_code == 200:
+                            break
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise PodStartError(f"{replica.pod_name} not ready after {self.ready_timeout}s")
+                    await asyncio.sleep(0.2)
         await self._pod_status(namespace, replica, ready=True)
 
     async def _pod_status(self, namespace: str, replica: Replica, ready: bool, reason: str = "") -> None:
+        def container(name: str, restarts: int) -> dict[str, Any]:
+            return {"name": name, "ready": ready, "started": ready, "restartCount": restarts,
+                    "image": "ghcr.io/tessera-ml/tessera-server:local", "imageID": "",
+                    "state": {"running": {"startedAt": _now()}} if ready else
+                    {"waiting": {"reason": reason.split(":")[0] or "ContainerCreating", "message": reason}}}
+
         status = {"phase": "Running" if ready else "Pending", "podIP": "127.0.0.1",
                   "conditions": [{"type": "Ready", "status": str(ready), "lastTransitionTime": _now()}],
-                  "containerStatuses": [{"name": "kserve-container", "ready": ready, "started": ready,
-                                         "restartCount": replica.restarts,
-                                         "image": "ghcr.io/tessera-ml/tessera-server:local", "imageID": "",
-                                         "state": {"running": {"startedAt": _now()}} if ready else
-                                         {"waiting": {"reason": reason.split(":")[0] or "ContainerCreating",
-                                                      "message": reason}}}]}
+                  "containerStatuses": [container("kserve-container", replica.restarts),
+                                        container("adapter-agent", 0)]}
         await self.server.patch(self.pod_kind, namespace, replica.pod_name, {"status": status}, subresource="status")
 
     async def restart_replica(self, namespace: str, isvc: str, index: int = 0) -> None:
-        """Kill a replica's server and start it again on the same port: it comes back with no adapters."""
+        """Kill a replica's server and start it again on the same port: it comes back with no adapters,
+        and the agent beside it, still running, loads them again."""
         obj = self.server.get(self.kind, namespace, isvc)
         replica = self.replicas[f"{namespace}/{isvc}"][index]
         if replica.process is not None:
             replica.process.kill()
             await replica.process.wait()
         replica.restarts += 1
-        await self._start(namespace, isvc, replica, self._container(obj["spec"]["predictor"]["model"]))
+        await self._start(namespace, isvc, replica, obj["spec"]["predictor"]["model"], server_only=True)
 
     @staticmethod
-    def _container(model: dict[str, Any]) -> dict[str, Any]:
-        """The serving container Tessera's ServingRuntime gives a predictor, for this model."""
-        return {
+    def _containers(model: dict[str, Any], replica: Replica, shared: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The serving container and the adapter agent Tessera's ServingRuntime gives a predictor."""
+        store = [{"secretRef": {"name": STORE_SECRET}}]
+        server = {
             "name": "kserve-container",
             "image": "ghcr.io/tessera-ml/tessera-server:local",
-            "command": ["tessera", "serve", "--model", model["storageUri"], "--host", "127.0.0.1"],
+            "command": ["tessera", "serve", "--model", model["storageUri"], "--host", "127.0.0.1",
+                        "--port", str(replica.port), "--allowed-prefix", str(shared), *model.get("args", [])],
             "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, *model.get("env", [])],
-            "envFrom": model.get("envFrom", []),
+            "envFrom": store,  # the storage initializer's credentials (see the module docstring)
+            "ports": [{"containerPort": replica.port, "protocol": "TCP"}],
         }
+        agent = {
+            "name": "adapter-agent",
+            "image": "ghcr.io/tessera-ml/tessera-operator:local",
+            "command": ["tessera", "adapter-agent", "--runtime", "tessera", "--runtime-url",
+                        f"http://127.0.0.1:{replica.port}", "--adapters-dir", str(shared), "--host", "127.0.0.1",
+                        "--port", str(replica.agent_port), "--resync-seconds", "1"],
+            "envFrom": store,
+            "ports": [{"name": "adapter-api", "containerPort": replica.agent_port, "protocol": "TCP"}],
+        }
+        return server, agent
 
 
 @dataclass

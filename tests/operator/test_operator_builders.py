@@ -297,16 +297,43 @@ def test_jobs_without_a_store_get_the_installations_store_and_secret():
     assert "spec.store.credentialsSecret" in str(error.value)
 
 
-def test_inference_service_uses_tessera_runtime_and_the_store_secret():
+def test_inference_service_names_the_runtime_and_gives_it_no_credential():
     adapter = Adapter.model_validate(yaml.safe_load((REPO / "examples" / "adapter.yaml").read_text()))
     isvc = build_inference_service(adapter, CONFIG)
     assert validate_against_crd(isvc) == []
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"] == {"name": "tessera"} and model["runtime"] == "tessera"
     assert model["storageUri"] == adapter.spec.base_model.uri
-    assert model["envFrom"] == [{"secretRef": {"name": "tessera-store"}}]
+    # The storage initializer brings the base model and the agent the adapters: the server needs no Secret.
+    assert "envFrom" not in model and "args" not in model
     assert isvc["metadata"]["name"] == adapter.inference_service_name
     assert "ownerReferences" not in isvc["metadata"]  # shared by all adapters of the base model
+
+
+@pytest.mark.parametrize(("kind", "bits", "args"), [("vllm", 4, ["--quantization=bitsandbytes"]), ("vllm", 8, None),
+                                                    ("vllm", None, None), ("tessera", 4, None)])
+def test_vllm_serves_a_four_bit_base_quantized_with_bitsandbytes(kind, bits, args):
+    document = yaml.safe_load((REPO / "examples" / "adapter.yaml").read_text())
+    document["spec"]["baseModel"]["quantizationBits"] = bits
+    config = OperatorConfig(serving_runtime="tessera-vllm", serving_runtime_kind=kind)
+    isvc = build_inference_service(Adapter.model_validate(document), config)
+    assert validate_against_crd(isvc) == []
+    assert isvc["spec"]["predictor"]["model"].get("args") == args
+
+
+def test_a_job_whose_adapter_the_runtime_cannot_serve_is_refused_naming_field_and_runtime():
+    config = OperatorConfig.from_env({"TESSERA_SERVING_RUNTIME_KIND": "vllm", "TESSERA_MAX_LORA_RANK": "16",
+                                      "TESSERA_TARGET_MODULES": json.dumps(["q_proj", "v_proj"])})
+    manifest = job_manifest(lora={"rank": 32, "targetModules": ["q_proj", "v_proj", "c_attn"]})
+    with pytest.raises(InvalidSpecError) as error:
+        effective_job(manifest, config)
+    assert [p.split(":")[0] for p in error.value.problems] == ["spec.lora.rank", "spec.lora.targetModules"]
+    assert "32 is above 16, the highest LoRA rank the vllm runtime serves" in error.value.problems[0]
+    assert "['c_attn'] are not modules the vllm runtime applies LoRA to" in error.value.problems[1]
+    # Within the runtime's limits, or not to be served, it runs.
+    effective_job(job_manifest(lora={"rank": 16, "targetModules": ["q_proj"]}), config)
+    unserved = job_manifest(lora={"rank": 32}, serving={"enabled": False})
+    assert effective_job(unserved, config).spec.lora.rank == 32
 
 
 def test_adapter_from_a_published_job_is_labelled_not_owned_and_valid(job):
@@ -324,6 +351,7 @@ def test_adapter_from_a_published_job_is_labelled_not_owned_and_valid(job):
     assert adapter["spec"]["lineage"] == {"job": "team-a/fpb-sentiment", "datasetUri": job.spec.dataset.uri,
                                           "datasetSha256": "b" * 64}
     assert adapter["spec"]["credentialsSecret"] == "team-a-store"
+    assert adapter["spec"]["baseModel"]["quantizationBits"] == job.spec.base_model.quantization.bits == 4
 
 
 def test_render_prints_every_object_valid(job):
@@ -446,6 +474,9 @@ def test_replica_url_loaded_check_backoff_and_phase():
         {"name": "istio-proxy", "ports": [{"containerPort": 15090}]},
         {"name": "kserve-container", "ports": [{"containerPort": 8080}]}]}}
     assert replica_url(pod, 9999) == "http://10.1.2.3:8080"
+    # With the adapter agent beside the runtime, the operator calls the agent.
+    pod["spec"]["containers"].append({"name": "adapter-agent", "ports": [{"containerPort": 8085}]})
+    assert replica_url(pod, 9999) == "http://10.1.2.3:8085"
     assert replica_url({"status": {"podIP": "10.1.2.3"}, "spec": {"containers": [{"name": "c"}]}}, 8080) == \
         "http://10.1.2.3:8080"
     adapter = Adapter.model_validate(yaml.safe_load((REPO / "examples" / "adapter.yaml").read_text()))

@@ -1,8 +1,8 @@
 """End to end on the simulated cluster: a FineTuneJob applied → the real pipeline steps →
-an Adapter → hot-loaded into the InferenceService → the `openai` SDK answers with it; with either
-launcher (a Training Operator v1 PyTorchJob or a Kubeflow Trainer v2 TrainJob), and with the
-training pod killed after its first checkpoint: it restarts, resumes from that checkpoint, and the
-job still succeeds with one adapter.
+an Adapter → hot-loaded into the InferenceService through the adapter agent of each predictor →
+the `openai` SDK answers with it; with either launcher (a Training Operator v1 PyTorchJob or a
+Kubeflow Trainer v2 TrainJob), and with the training pod killed after its first checkpoint: it
+restarts, resumes from that checkpoint, and the job still succeeds with one adapter.
 
 Stands in for a cluster: the Kubernetes API emulator and the Argo / Training Operator / Trainer v2
 / KServe controllers of tests/operator (which run the pods' real commands as local processes, and
@@ -24,6 +24,7 @@ import openai
 import pytest
 from tessera.store import push
 
+from tests.operator.controllers import STORE_SECRET
 from tests.operator.harness import SAMPLE_CSV, OperatorProcess, finetunejob
 
 pytestmark = pytest.mark.slow
@@ -66,9 +67,11 @@ def test_finetunejob_to_adapter_answering_through_the_inference_service(cluster,
     credentials = {key: os.environ[key] for key in ("S3_ENDPOINT", "S3_USE_HTTPS", "AWS_ACCESS_KEY_ID",
                                                     "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     cluster.apply_workflow_template(namespace)
-    cluster.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                    "metadata": {"name": "team-store", "namespace": namespace},
-                    "data": {k: base64.b64encode(v.encode()).decode() for k, v in credentials.items()}})
+    # The job's Secret, and the chart's store Secret that predictor pods read (adapter agent, storage initializer).
+    for secret in ("team-store", STORE_SECRET):
+        cluster.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                        "metadata": {"name": secret, "namespace": namespace},
+                        "data": {k: base64.b64encode(v.encode()).decode() for k, v in credentials.items()}})
     # The installation runs PyTorchJobs by default and lets jobs choose TrainJobs (the chart's
     # training.launcher and training.otherLaunchers).
     operator = OperatorProcess(cluster, [namespace], tmp_path / "operator.log",
@@ -146,7 +149,13 @@ def test_finetunejob_to_adapter_answering_through_the_inference_service(cluster,
                                                max_tokens=4)
             assert answer.model == "fpb" and answer.choices[0].text
 
-            # A replica that restarts comes back empty; the operator loads the adapter into it again.
+            # The operator went through the agent: the server loaded the agent's verified copy from the pod's volume.
+            isvc = cluster.get("serving.kserve.io/v1beta1", "InferenceService", namespace, "tessera-tiny-llama")
+            server_card = served_models(isvc["status"]["url"])["fpb"]
+            assert "/volumes/adapters/fpb/" in server_card["root"]
+            assert server_card["sha256"] == adapter["spec"]["sha256"]
+
+            # A server that restarts comes back empty; the agent beside it loads the adapter into it again.
             server = cluster.controllers.kserve.replicas[f"{namespace}/tessera-tiny-llama"][0]
             old_pid = server.process.process.pid
             cluster.emulator.call(cluster.controllers.kserve.restart_replica(namespace, "tessera-tiny-llama"), 300)

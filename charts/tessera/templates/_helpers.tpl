@@ -83,3 +83,146 @@ app.kubernetes.io/component: predictor
 {{- end -}}
 {{- $launchers | uniq | toJson -}}
 {{- end -}}
+
+{{/* The runtime the operator's InferenceServices use (serving.runtime): its values, by kind. */}}
+{{- define "tessera.servingRuntimeName" -}}
+{{- $runtime := index .Values.serving .Values.serving.runtime -}}
+{{- if not $runtime.enabled -}}
+{{- fail (printf "serving.runtime is %s but serving.%s.enabled is false" .Values.serving.runtime .Values.serving.runtime) -}}
+{{- end -}}
+{{- $runtime.name -}}
+{{- end -}}
+
+{{/* Where the adapter agent puts adapters; the runtime container mounts the same volume at the same path. */}}
+{{- define "tessera.adaptersDir" -}}/mnt/adapters{{- end -}}
+
+{{/* The container securityContext every Tessera container runs with. */}}
+{{- define "tessera.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The adapter agent sidecar of a ServingRuntime; call with (dict "root" $ "kind" "vllm"|"tessera"). */}}
+{{- define "tessera.adapterAgent" -}}
+{{- $ := .root -}}
+{{- $serving := $.Values.serving -}}
+- name: adapter-agent
+  image: {{ include "tessera.image" (dict "root" $ "name" "operator") }}
+  imagePullPolicy: {{ $.Values.images.operator.pullPolicy }}
+  command: [tessera, adapter-agent]
+  args:
+  - --runtime={{ .kind }}
+  - --runtime-url=http://127.0.0.1:{{ $serving.port }}
+  - --adapters-dir={{ include "tessera.adaptersDir" $ }}
+  - --host=0.0.0.0
+  - --port={{ $serving.agent.port }}
+  - --max-lora-rank={{ $serving.maxLoraRank }}
+  {{- range $serving.targetModules }}
+  - --target-module={{ . }}
+  {{- end }}
+  {{- range ($serving.allowedPrefixes | default (list $.Values.store.uri)) }}
+  - --allowed-prefix={{ . }}
+  {{- end }}
+  - --resync-seconds={{ $serving.agent.resyncSeconds }}
+  env:
+  {{- include "tessera.storeEnv" $ | nindent 2 }}
+  - name: HOME
+    value: /tmp
+  envFrom:
+  # The store credentials: the agent alone fetches adapters; the runtime never sees them.
+  - secretRef:
+      name: {{ $.Values.store.existingSecret }}
+  ports:
+  - name: adapter-api
+    containerPort: {{ $serving.agent.port }}
+    protocol: TCP
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: adapter-api
+    periodSeconds: 15
+    timeoutSeconds: 5
+  readinessProbe:
+    httpGet:
+      path: /healthz
+      port: adapter-api
+    periodSeconds: 10
+  resources:
+    {{- toYaml $serving.agent.resources | nindent 4 }}
+  securityContext:
+    {{- include "tessera.containerSecurityContext" $ | nindent 4 }}
+  volumeMounts:
+  - name: adapters
+    mountPath: {{ include "tessera.adaptersDir" $ }}
+{{- end -}}
+
+{{/* requests/limits of a runtime container with its GPUs; call with (dict "root" $ "runtime" .). */}}
+{{- define "tessera.runtimeResources" -}}
+{{- $gpus := ternary (dict .root.Values.gpu.resourceName (toString .runtime.gpus)) dict (gt (int .runtime.gpus) 0) -}}
+requests:
+  {{- merge (deepCopy .runtime.resources.requests) $gpus | toYaml | nindent 2 }}
+limits:
+  {{- merge (deepCopy (.runtime.resources.limits | default dict)) $gpus | toYaml | nindent 2 }}
+{{- end -}}
+
+{{/* What every Tessera ServingRuntime shares: labels, pull secrets, the GPU pool's placement when
+     it uses GPUs. Call with (dict "root" $ "runtime" .). */}}
+{{- define "tessera.runtimePodFields" -}}
+{{- $ := .root -}}
+# Put on every predictor pod: the NetworkPolicies and the ServiceMonitor select by them.
+labels:
+  {{- include "tessera.predictor.selectorLabels" $ | nindent 2 }}
+annotations:
+  prometheus.kserve.io/port: {{ $.Values.serving.port | quote }}
+  prometheus.kserve.io/path: /metrics
+{{- with $.Values.global.imagePullSecrets }}
+imagePullSecrets:
+  {{- include "tessera.imagePullSecrets" $ | nindent 2 }}
+{{- end }}
+{{- if gt (int .runtime.gpus) 0 }}
+{{- with $.Values.gpuNodePool.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $.Values.gpuNodePool.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Egress rules to DNS, the store and (with "apiServer" true) the Kubernetes API server. */}}
+{{- define "tessera.egressToDnsApiAndStore" -}}
+{{- $np := .root.Values.networkPolicy -}}
+- ports:
+  - {protocol: UDP, port: 53}
+  - {protocol: TCP, port: 53}
+{{- if .apiServer }}
+- ports:
+  {{- range $np.apiServer.ports }}
+  - {protocol: TCP, port: {{ . }}}
+  {{- end }}
+  {{- with $np.apiServer.cidrs }}
+  to:
+  {{- range . }}
+  - ipBlock: {cidr: {{ . }}}
+  {{- end }}
+  {{- end }}
+{{- end }}
+- ports:
+  - {protocol: TCP, port: {{ $np.store.port }}}
+  {{- with $np.store.peers }}
+  to:
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}
+
+{{/* The ConfigMap, in every job namespace, that carries the adapter API guard into vLLM's pods. */}}
+{{- define "tessera.vllmGuardConfigMap" -}}tessera-vllm-adapter-guard{{- end -}}

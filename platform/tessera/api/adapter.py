@@ -30,6 +30,9 @@ class AdapterBaseModel(KubeModel):
 
     uri: str = Field(min_length=1)
     name: str | None = None
+    quantization_bits: Literal[4, 8] | None = Field(
+        None, description="Bits the base was quantized to in training (the job's quantization.bits); "
+        "vLLM serves a 4-bit base with --quantization=bitsandbytes.")
 
 
 class Lineage(KubeModel):

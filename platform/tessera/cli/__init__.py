@@ -10,7 +10,15 @@ import sys
 
 import typer
 
-from tessera.cli import api_commands, job_commands, model_commands, render_commands, serve_commands, store_commands
+from tessera.cli import (
+    agent_commands,
+    api_commands,
+    job_commands,
+    model_commands,
+    render_commands,
+    serve_commands,
+    store_commands,
+)
 from tessera.errors import TesseraError
 
 app = typer.Typer(
@@ -24,6 +32,7 @@ app = typer.Typer(
 api_commands.register(app)
 job_commands.register(app)
 serve_commands.register(app)
+agent_commands.register(app)
 render_commands.register(app)
 app.add_typer(store_commands.app, name="store", help="List, copy and delete artifacts (s3:// or a directory).")
 app.add_typer(model_commands.app, name="model", help="Tiny model, GGUF import, upload to the store.")

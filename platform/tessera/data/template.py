@@ -200,9 +200,18 @@ def load_tokenizer(model_uri: str) -> Any:
         if not local.is_dir():
             problem = "is not a directory" if local.exists() else "does not exist"
             raise TokenizerError(f"the base model {model_uri} (spec.baseModel.uri) {problem}")
-        return _from_pretrained(local, model_uri)
+        from tessera.model import model_cache_dir
+        from tessera.model.gguf import as_hf_directory
+
+        # A GGUF base (`baseModel.format: gguf`) is converted here first, into the cache training reuses.
+        return _from_pretrained(as_hf_directory(local, model_cache_dir() / "converted"), model_uri)
     with scratch_dir("tokenizer") as workdir:
-        for name in TOKENIZER_FILES:
-            if store.exists(join_key(prefix, name)):
-                store.get_file(join_key(prefix, name), Path(workdir) / name)
+        fetched = [name for name in TOKENIZER_FILES if store.exists(join_key(prefix, name))]
+        if not fetched:
+            raise TokenizerError(
+                f"the base model {model_uri} (spec.baseModel.uri) has no tokenizer files; a GGUF base in the "
+                "store must be converted first: `tessera model import FILE DIR`, then `tessera model upload DIR URI`"
+            )
+        for name in fetched:
+            store.get_file(join_key(prefix, name), Path(workdir) / name)
         return _from_pretrained(workdir, model_uri)

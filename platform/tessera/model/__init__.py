@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from tessera.model.tiny import IDENTITY_FILE, TINY_MODEL_NAME, init_tiny
 
-__all__ = ["IDENTITY_FILE", "TINY_MODEL_NAME", "base_model_name", "init_tiny"]
+__all__ = ["IDENTITY_FILE", "TINY_MODEL_NAME", "base_model_name", "init_tiny", "model_cache_dir"]
+
+
+def model_cache_dir() -> Path:
+    """Where remote and converted base models are kept on this machine (`TESSERA_CACHE_DIR`, else
+    under the temp dir): shared by the steps of a run, so each fetches or converts a model once."""
+    root = os.environ.get("TESSERA_CACHE_DIR") or Path(tempfile.gettempdir()) / "tessera-cache"
+    return Path(root) / "models"
 
 
 def base_model_name(model_dir: str | Path) -> str | None:

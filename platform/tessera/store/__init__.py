@@ -39,6 +39,7 @@ __all__ = [
     "S3Store",
     "Store",
     "fetch",
+    "is_remote",
     "join_key",
     "local_manifest",
     "manifest_digest",
@@ -46,6 +47,10 @@ __all__ = [
     "parse_uri",
     "push",
 ]
+
+
+def is_remote(uri: str | Path | Location) -> bool:
+    return uri.is_remote if isinstance(uri, Location) else str(uri).startswith("s3://")
 
 
 def open_store(uri: str | Path | Location, *, retry: RetryPolicy | None = None) -> tuple[Store, str]:

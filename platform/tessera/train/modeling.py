@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tessera.api import FineTuneJob
 from tessera.errors import ObjectNotFoundError, TesseraError
+from tessera.model import model_cache_dir
 from tessera.model.gguf import as_hf_directory
 from tessera.train.distributed import DistEnv
 from tessera.train.plan import Hardware
@@ -40,12 +41,6 @@ def device_for(hardware: Hardware) -> torch.device:
     import torch
 
     return torch.device("cuda", torch.cuda.current_device()) if hardware.device_type == "cuda" else torch.device("cpu")
-
-
-def model_cache_dir() -> Path:
-    """Where remote base models are kept on this machine (`TESSERA_CACHE_DIR`, else under the temp dir)."""
-    root = os.environ.get("TESSERA_CACHE_DIR") or Path(tempfile.gettempdir()) / "tessera-cache"
-    return Path(root) / "models"
 
 
 def fetch_base_model(job: FineTuneJob, *, download: bool = True) -> Path:

@@ -124,7 +124,7 @@ def adapter_file(directory: Path, name: str) -> Path | None:
     return real
 
 
-def read_adapter_files(directory: Path) -> tuple[AdapterConfig, ModelCard]:
+def read_adapter_files(directory: Path) -> tuple[AdapterConfig, dict[str, Any]]:
     """The adapter's config and model card, refusing a directory that is not a PEFT adapter.
 
     Errors say which file and which field is wrong, never what the file holds.
@@ -145,7 +145,7 @@ def read_adapter_files(directory: Path) -> tuple[AdapterConfig, ModelCard]:
         fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}"
                            for e in error.errors(include_url=False, include_input=False, include_context=False))
         raise AdapterError(f"{CONFIG_FILE} is not a valid PEFT LoRA config: {fields}", code="adapter_corrupt") from None
-    card = ModelCard()
+    card: dict[str, Any] = {}
     card_path = adapter_file(directory, MODEL_CARD_FILE)
     if card_path is not None:
         try:
@@ -154,9 +154,10 @@ def read_adapter_files(directory: Path) -> tuple[AdapterConfig, ModelCard]:
             raise AdapterError(f"{MODEL_CARD_FILE} is not valid JSON ({_json_problem(error)})",
                                code="adapter_corrupt") from None
         try:
-            card = ModelCard.read(document)
+            ModelCard.read(document)
         except ValueError as error:
             raise AdapterError(str(error), code="adapter_corrupt") from None
+        card = document
     return config, card
 
 
@@ -180,9 +181,13 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~", "file://", "s3://")) or os.path.isabs(name) or os.path.exists(name)
 
 
-def declared_base_name(config: AdapterConfig, card: ModelCard) -> str | None:
+def _model_card(card: ModelCard | dict[str, Any]) -> ModelCard:
+    return card if isinstance(card, ModelCard) else ModelCard.read(card)
+
+
+def declared_base_name(config: AdapterConfig, card: ModelCard | dict[str, Any]) -> str | None:
     """The base model the adapter says it was trained on: the model card first, then PEFT's config."""
-    return card.base_model_name or config.base_model_name_or_path
+    return _model_card(card).base_model_name or config.base_model_name_or_path
 
 
 def compatibility_problems(
@@ -198,8 +203,7 @@ def compatibility_problems(
     without a model. Shapes are the strongest check: an adapter trained on another base model
     has other module names or other dimensions, whatever its config claims.
     """
-    if not isinstance(card, ModelCard):
-        card = ModelCard.read(card)
+    card = _model_card(card)
     problems: list[tuple[str, str]] = []
     if config.peft_type.upper() != "LORA":
         problems.append(("adapter_unsupported", f"peft_type {config.peft_type} is not LORA"))
@@ -407,7 +411,7 @@ def prepare_adapter(
         source=source,
         sha256=digest,
         rank=rank,
-        task=task or card.task,
+        task=task or _model_card(card).task,
         base_model=declared_base_name(config, card),
         weights=AdapterWeights(modules=modules, rank=rank),
     )

@@ -153,7 +153,9 @@ class AdapterRegistry:
                 if name in self.records and not inplace:  # vLLM's first check, before the path's
                     raise already_loaded(name)
                 # The checked location is what is fetched, now and on every reload: never `source` again.
-                location = str(check_allowed(source, self.allowed_prefixes))
+                checked = check_allowed(source, self.allowed_prefixes)
+                # A local adapter keeps a plain path, as vLLM's model cards show `root`.
+                location = str(checked) if checked.is_remote else str(checked.path)
                 loop = asyncio.get_running_loop()
                 prepared = await loop.run_in_executor(self._executor, self._prepare, name, location, sha256, task)
                 await asyncio.wrap_future(self.engine.install(name, prepared.weights))

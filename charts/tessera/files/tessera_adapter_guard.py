@@ -1,0 +1,1 @@
+../../../platform/tessera/agent/guard.py
