@@ -1,15 +1,18 @@
 """4-bit QLoRA throughput on a GPU, on models shaped like Llama-3.2-1B and Llama-3.1-8B.
 
-    python benchmarks/gpu_train.py [--shapes 1b,8b] [--steps 20] [--batch-size 4] [--max-seq-length 1024]
+    python benchmarks/gpu_train.py [--shapes 1b,8b] [--steps 20] [--warmup 3] [--batch-size 4]
+        [--max-seq-length 1024] [--runners trl,tessera] [--layers N]
 
 For a machine with a CUDA GPU. Throughput needs no real weights: each shape is built with random
 weights (bf16, once, cached under --cache-dir; the 8B one takes 16 GB of disk), with the tiny
 model's tokenizer (a smaller vocabulary than Llama 3's only changes which ids occur). Then
 `train_throughput.py` runs Tessera's trainer (DeepSpeed on CUDA, NF4 double-quant base, bf16) and
-a plain `transformers.Trainer` + `peft` baseline on the same model, data and settings, each in
-its own process, and this prints one table: tokens/s and peak GPU memory
-(`torch.cuda.max_memory_allocated`) per shape and runner. `--layers N` keeps a shape's widths
-with fewer layers, for a quick check.
+the baselines (TRL's `SFTTrainer` packed best-fit decreasing, padding-free, completion-only loss;
+`trainer`: a plain `transformers.Trainer` + `peft`, padded) on the same model, data and settings,
+each in its own process, and this prints one table: steady-state tokens/s (warm-up steps left
+out), peak GPU memory (`torch.cuda.max_memory_allocated`), losses, and the model-FLOPs
+utilisation against the GPU's dense bf16 peak (`train_throughput.model_flops_per_token`).
+`--layers N` keeps a shape's widths with fewer layers, for a quick check (also on a CPU).
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="1b,8b", help="Comma-separated: 1b, 8b.")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="First optimizer steps left out of tokens/s.")
+    parser.add_argument("--runners", default="trl,tessera", help="Of trl, trainer, tessera.")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-length", type=int, default=1024)
     parser.add_argument("--layers", type=int, help="Fewer layers than the real model (quick check).")
@@ -93,23 +98,26 @@ def main() -> None:
         print("warning: no CUDA GPU here; this measures the CPU path", file=sys.stderr)
     rows = [("shape", *train_throughput.RESULT_HEADER)]
     ratios = []
+    runners = [name.strip() for name in args.runners.split(",")]
     for key in args.shapes.split(","):
         model_dir = build_shape(key.strip(), args.layers, args.cache_dir)
-        argv = ["--model", str(model_dir), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                "--max-seq-length", str(args.max_seq_length), "--bits", "4", "--dtype", "bfloat16"]
+        argv = ["--model", str(model_dir), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length), "--bits", "4",
+                "--dtype", "bfloat16"]
         if not args.no_gradient_checkpointing:
             argv.append("--gradient-checkpointing")
-        baseline, tessera = train_throughput.measure(argv)
+        results = train_throughput.measure(argv, runners)
         label = SHAPES[key.strip()]["name"] + (f" ({args.layers} layers)" if args.layers else "")
-        rows += [train_throughput.result_row(baseline, label), train_throughput.result_row(tessera, label)]
-        ratios.append((label, train_throughput.speedup(baseline, tessera)))
+        rows += [train_throughput.result_row(result, label) for result in results.values()]
+        ratios += [f"{label}: {line}" for line in train_throughput.ratios(results)]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\n4-bit NF4 QLoRA (rank 8, all linear layers), {args.steps} steps, micro-batch {args.batch_size}, "
-          f"max length {args.max_seq_length}, bf16, gradient checkpointing "
-          f"{'off' if args.no_gradient_checkpointing else 'on'} on {device}; peak MiB = max GPU memory allocated")
+    print(f"\n4-bit NF4 QLoRA (rank 8, all linear layers), {args.steps} steps ({args.warmup} warm-up left out), "
+          f"micro-batch {args.batch_size} x {args.max_seq_length} packed, bf16, gradient checkpointing "
+          f"{'off' if args.no_gradient_checkpointing else 'on'} on {device}; peak MiB = "
+          f"{'max GPU memory allocated' if torch.cuda.is_available() else 'max RSS'}")
     train_throughput.print_table(rows)
-    for label, ratio in ratios:
-        print(f"{label}: Tessera / baseline tokens/s {ratio:.2f}x")
+    for line in ratios:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,20 @@ def load_base_model(
     return model
 
 
+def _needs_fp32_upcast(model: Any) -> bool:
+    """Whether the unquantized weights (norms, embeddings) must go to fp32 for QLoRA: in fp16 only.
+
+    PEFT's `prepare_model_for_kbit_training` upcasts them to fp32 because fp16 overflows in
+    norms. bf16 has fp32's range, so a bf16 base keeps them in bf16: otherwise the whole
+    residual stream, attention and MLP run in fp32 around the 4-bit matmuls (each casting its
+    input to bf16 and back), the CPU profile's largest cost after the matmuls, and twice the
+    activation memory. DeepSpeed's bf16 mode casts them to bf16 on GPUs anyway.
+    """
+    import torch
+
+    return getattr(model, "dtype", None) == torch.float16
+
+
 def attach_lora(model: Any, job: FineTuneJob, *, gradient_checkpointing: bool | None = None) -> Any:
     """Wrap `model` in a trainable PEFT LoRA adapter (QLoRA when the base is quantized)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -150,14 +164,19 @@ def attach_lora(model: Any, job: FineTuneJob, *, gradient_checkpointing: bool | 
     if gradient_checkpointing is not None:
         checkpointing = gradient_checkpointing
     checkpointing_kwargs = {"use_reentrant": False}
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized and _needs_fp32_upcast(model):
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+    else:
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        if checkpointing:
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -173,6 +192,9 @@ def attach_lora(model: Any, job: FineTuneJob, *, gradient_checkpointing: bool | 
         from tessera.errors import InvalidSpecError
 
         raise InvalidSpecError([f"spec.lora.targetModules: {error}"]) from None
+    from tessera.train.kernels import use_fused_lora
+
+    use_fused_lora(peft_model)
     return peft_model
 
 

@@ -234,6 +234,7 @@ def _loop(job: FineTuneJob, engine: Any, state: TrainState, schedule: plan.Sched
             "loss": loss_sum / micro if micro else None,
             "learningRate": engine.learning_rate,
             "tokensPerSecond": tokens / elapsed if elapsed > 0 else None,
+            "tokens": int(tokens),  # trained since the last entry: with the rate, a window's duration
         }
         state.history.append(entry)
         return entry
