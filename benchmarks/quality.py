@@ -95,8 +95,8 @@ def classical_lines(dataset: Dataset, sets: list[str]) -> tuple[dict[str, Any], 
     from sklearn.linear_model import LogisticRegression
     from tessera.api.loader import load_job
     from tessera.data import load_prepared, sample
-    from tessera.evaluate.metrics import classification_metrics
     from tessera.tasks import get_task
+    from tessera.tasks.metrics import classification_metrics
 
     job = load_job(dataset.job, sets)
     task = get_task(job.spec.dataset.task)

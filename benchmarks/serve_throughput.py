@@ -88,7 +88,7 @@ def naive_server(base_dir: Path, adapters: list[Path], port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
     from peft import PeftModel
-    from tessera.serve.base_model import cpu_threads
+    from tessera.serve.runtime.base_model import cpu_threads
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(cpu_threads(None))  # the same threads as `tessera serve` gets, for a fair comparison

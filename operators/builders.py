@@ -22,15 +22,14 @@ from typing import Any
 
 import yaml
 from tessera.agent.rules import job_problems
-from tessera.api import Adapter, FineTuneJob, parse_resource
+from tessera.api import GROUP, VERSION, Adapter, FineTuneJob, parse_resource
 from tessera.api.finetunejob import LAUNCHERS
 from tessera.api.naming import dns_label
 from tessera.errors import InvalidSpecError
 from tessera_operator.config import OperatorConfig
-from tessera_pipelines import JOB_FILE, json_parameter, render_training_objects
+from tessera_pipelines.finetune import render_training_objects
+from tessera_pipelines.interface import JOB_FILE, json_parameter
 
-GROUP = "tessera.dev"
-VERSION = "v1alpha1"
 LABEL_JOB = "tessera.dev/job"
 LABEL_ADAPTER_VERSION = "tessera.dev/adapter-version"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -160,7 +159,7 @@ def eval_pod_spec_patch(job: FineTuneJob, config: OperatorConfig) -> dict[str, A
 
 
 def workflow_arguments(job: FineTuneJob, config: OperatorConfig) -> dict[str, str]:
-    """The `tessera-finetune` template's parameters for this job (see tessera_pipelines.PARAMETERS)."""
+    """The `tessera-finetune` template's parameters for this job (see tessera_pipelines.interface.PARAMETERS)."""
     distribution, scheduling = job.spec.distribution, job.spec.scheduling
     return {
         "job-name": job.metadata.name,

@@ -9,7 +9,13 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tessera.agent.rules import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
 from tessera.api.finetunejob import Launcher
-from tessera_pipelines import DEFAULT_GPU_RESOURCE, DEFAULT_IMAGE, DEFAULT_STORE_SECRET, SERVICE_ACCOUNT, TEMPLATE_NAME
+from tessera_pipelines.interface import (
+    DEFAULT_GPU_RESOURCE,
+    DEFAULT_IMAGE,
+    DEFAULT_STORE_SECRET,
+    SERVICE_ACCOUNT,
+    TEMPLATE_NAME,
+)
 
 _ENV = {
     "workflow_template": "TESSERA_WORKFLOW_TEMPLATE",

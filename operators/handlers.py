@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import kopf
-from tessera.api import Adapter, FineTuneJob, parse_resource
+from tessera.api import API_VERSION, GROUP, VERSION, Adapter, FineTuneJob, parse_resource
+from tessera.api import TERMINAL_PHASES as TERMINAL
 from tessera.errors import InvalidSpecError, StoreError
 from tessera.redact import install_log_redaction, redact
 from tessera.safe_yaml import safe_load
@@ -57,7 +58,6 @@ from tessera_operator.serving import (
     sync_replica,
 )
 from tessera_operator.status import (
-    TERMINAL,
     Event,
     Observation,
     changed_fields,
@@ -68,8 +68,8 @@ from tessera_operator.status import (
     step_nodes,
 )
 
-FINETUNEJOBS = ("tessera.dev", "v1alpha1", "finetunejobs")
-ADAPTERS = ("tessera.dev", "v1alpha1", "adapters")
+FINETUNEJOBS = (GROUP, VERSION, "finetunejobs")
+ADAPTERS = (GROUP, VERSION, "adapters")
 CONFIG = OperatorConfig.from_env()
 SECRET_TTL_SECONDS = 300.0
 
@@ -82,9 +82,9 @@ def _now() -> str:
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Handler progress and the last-handled spec go to annotations: a real API server prunes
     # unknown status fields, and the CRD's status schema has no room for kopf's bookkeeping.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tessera.dev")
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="tessera.dev", key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration")
     settings.posting.reporting_component = "tessera-operator"
     # The client logs response bodies at DEBUG, Secrets included: never let them reach a log.
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
@@ -311,7 +311,7 @@ def _serve(body: kopf.Body, job: FineTuneJob, obs: Observation, kube: Kube) -> l
         kopf.info(body, reason="AdapterCreated", message=f"Adapter {name} created: {decision.message}")
     elif existing.get("spec", {}).get("uri") != adapter["spec"]["uri"]:
         # A newer job publishing under the same adapter name supersedes the served version.
-        kube.patch("tessera.dev/v1alpha1", "Adapter", job.metadata.namespace, name,
+        kube.patch(API_VERSION, "Adapter", job.metadata.namespace, name,
                    {"metadata": {"labels": adapter["metadata"]["labels"]}, "spec": adapter["spec"]})
         kopf.info(body, reason="AdapterUpdated",
                   message=f"Adapter {name} now serves {adapter['spec']['uri']} (was from {lineage})")

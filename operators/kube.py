@@ -14,6 +14,7 @@ from typing import Any
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from tessera.api import API_VERSION
 
 # apiVersion/kind → plural, for the kinds the operator reads or writes.
 PLURALS = {
@@ -21,8 +22,8 @@ PLURALS = {
     ("kubeflow.org/v1", "PyTorchJob"): "pytorchjobs",
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjobs",
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservices",
-    ("tessera.dev/v1alpha1", "Adapter"): "adapters",
-    ("tessera.dev/v1alpha1", "FineTuneJob"): "finetunejobs",
+    (API_VERSION, "Adapter"): "adapters",
+    (API_VERSION, "FineTuneJob"): "finetunejobs",
 }
 TRANSIENT_STATUSES = {0, 408, 429, 500, 502, 503, 504}
 

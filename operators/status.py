@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tessera.api import FineTuneJob, FineTuneJobStatus
+from tessera.evaluate.report import improvement
 from tessera.redact import redact
 
 STEPS = ("prepare", "train", "evaluate", "publish")
@@ -17,9 +18,6 @@ STEP_PHASE = {"prepare": "Validating", "train": "Training", "evaluate": "Evaluat
 STEP_CONDITION = {"prepare": "DataPrepared", "train": "Trained", "evaluate": "Evaluated", "publish": "Published"}
 STEP_FAILURE = {"prepare": "PrepareFailed", "train": "TrainingFailed", "evaluate": "EvaluationFailed",
                 "publish": "PublishFailed"}
-# Metrics where lower is better: the adapter improves on the base by going down.
-LOWER_IS_BETTER = frozenset({"mse", "eval_loss"})
-TERMINAL = ("Succeeded", "Failed", "Cancelled")
 
 EventType = Literal["Normal", "Warning"]
 
@@ -106,12 +104,12 @@ def promotion(job: FineTuneJob, report: dict[str, Any] | None) -> Promotion:
         return Promotion(promoted, "NoBaseline" if promoted else "MetricMissing",
                          f"adapter {metric}={adapter:.4g}; no base {metric} to compare with "
                          f"(minImprovement {rule.min_improvement:g})")
-    improvement = base - adapter if metric in LOWER_IS_BETTER else adapter - base
-    promoted = improvement >= rule.min_improvement
+    gain = improvement(metric, {metric: base}, {metric: adapter})
+    promoted = gain >= rule.min_improvement
     return Promotion(
         promoted,
         "BeatBase" if promoted else "BelowPromotionThreshold",
-        f"adapter {metric}={adapter:.4g}, base {metric}={base:.4g}, improvement {improvement:+.4g} "
+        f"adapter {metric}={adapter:.4g}, base {metric}={base:.4g}, improvement {gain:+.4g} "
         f"{'>=' if promoted else '<'} minImprovement {rule.min_improvement:g}",
     )
 

@@ -55,7 +55,6 @@ YAML of a manifest is only valid once substituted, as in any Argo resource templ
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -71,37 +70,17 @@ from hera.workflows import (
     WorkflowTemplate,
 )
 from hera.workflows import models as m
-from tessera import __version__
-from tessera.api.finetunejob import LAUNCHERS, DistributionSpec
+from tessera_pipelines.interface import (
+    JOB_FILE,
+    PARAMETERS,
+    SERVICE_ACCOUNT,
+    TEMPLATE_NAME,
+)
 
-TEMPLATE_NAME = "tessera-finetune"
-DEFAULT_IMAGE = f"ghcr.io/tessera-ml/tessera-trainer:{__version__}"
-DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
-DEFAULT_STORE_SECRET = "tessera-store"  # noqa: S105 (the name of a Secret, not a credential)
-SERVICE_ACCOUNT = "tessera-pipeline"
-JOB_FILE = "/config/job.yaml"
 RUN_AS = 1000
 
 TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 
-# The template's interface: every parameter the operator passes, with the default the template uses.
-PARAMETERS: dict[str, str] = {
-    "job-name": "",
-    "image": DEFAULT_IMAGE,
-    "store-secret": DEFAULT_STORE_SECRET,
-    "launcher": LAUNCHERS[0],
-    "training-job-name": "",
-    "num-nodes": "1",
-    "worker-replicas": "0",
-    "nproc-per-node": "1",
-    "gpus-per-worker": "0",
-    "gpu-resource": DEFAULT_GPU_RESOURCE,
-    "restart-limit": str(DistributionSpec.model_fields["max_restarts"].default),  # one worker's
-    "node-selector": "{}",
-    "tolerations": "[]",
-    "priority-class-name": "",
-    "eval-pod-spec-patch": "{}",
-}
 # Substituted unquoted into the training manifests: integers and JSON values.
 _RAW_PARAMETERS = ("num-nodes", "worker-replicas", "restart-limit", "node-selector", "tolerations")
 TRAIN_COMMAND = ["torchrun", "--no-python", "tessera", "train", "-f", JOB_FILE]
@@ -352,8 +331,3 @@ def render_training_objects(parameters: dict[str, str], workflow_name: str) -> l
             text = text.replace(_param(name), value)
         objects.append(yaml.safe_load(text))
     return objects
-
-
-def json_parameter(value: Any) -> str:
-    """A JSON value on one line, as the raw parameters (node selector, tolerations) expect."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)

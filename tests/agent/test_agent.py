@@ -33,7 +33,7 @@ def adapter(name: str, uri: str, sha256: str | None) -> Adapter:
 
 
 def digest(path: Path) -> str:
-    from tessera.serve.adapters import weights_sha256
+    from tessera.serve.runtime.adapters import weights_sha256
 
     return weights_sha256(path)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from tessera.agent.rules import AgentError, RuntimeProfile, adapter_rank, safetensors_shapes, servability_problems
-from tessera.serve.adapters import AdapterConfig
+from tessera.serve.runtime.adapters import AdapterConfig
 from typer.testing import CliRunner
 
 VLLM = RuntimeProfile("vllm", max_lora_rank=16, base_model="meta-llama/Llama-3.1-8B-Instruct")

@@ -764,7 +764,7 @@ def test_chart_ships_the_rendered_pipeline_file_itself() -> None:
 
 
 def test_chart_workflow_template_is_the_pipeline_code_plus_installation_settings() -> None:
-    from tessera_pipelines import build_workflow_template
+    from tessera_pipelines.finetune import build_workflow_template
 
     rendered = one(render(), "WorkflowTemplate")
     expected = build_workflow_template()

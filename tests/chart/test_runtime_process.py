@@ -145,7 +145,7 @@ def test_agent_container_brings_an_adapter_from_the_store_into_the_server(start_
     """The operator's client, pointed at the agent's port, loads an adapter published under the chart's
     store URI; the server then answers with it, having read it from the shared volume only."""
     from tessera.api import Adapter
-    from tessera.serve.adapters import weights_sha256
+    from tessera.serve.runtime.adapters import weights_sha256
     from tessera.store import push
     from tessera_operator.serving import AdapterApi, Backoff, Replica, sync_replica
 

@@ -42,8 +42,8 @@ from tessera_operator.serving import (
     sync_replica,
 )
 from tessera_operator.status import Observation, derive_status, merge_conditions, promotion
-from tessera_pipelines import PARAMETERS, build_workflow_template, render_yaml
-from tessera_pipelines.finetune import CONDITIONS
+from tessera_pipelines.finetune import CONDITIONS, build_workflow_template, render_yaml
+from tessera_pipelines.interface import PARAMETERS
 
 from tests.crds.schemas import validate_against_crd
 from tests.operator.controllers import condition_holds

@@ -44,7 +44,7 @@ def train_label_adapter(base_dir: Path, out: Path, label: str, steps: int = 10) 
     """A sentiment adapter trained until it answers `label` to any news text (seconds on a CPU)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from tessera.data.render import encode_example
+    from tessera.data.template import encode_example
     from tessera.tasks import get_task
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from kserve.errors import InvalidInput, ModelNotFound
-from tessera.serve.engine import prompt_logprobs
 from tessera.serve.errors import ServeError
-from tessera.serve.http_errors import as_serve_error, is_kserve_route, kserve_body, openai_body
-from tessera.serve.service import RequestLimits, check_budget, valid_unicode
+from tessera.serve.http.errors import as_serve_error, is_kserve_route, kserve_body, openai_body
+from tessera.serve.runtime.engine import prompt_logprobs
+from tessera.serve.runtime.service import RequestLimits, check_budget, valid_unicode
 
 
 def test_kserve_routes_are_told_from_openai_routes():
@@ -65,7 +65,7 @@ def test_prompt_logprobs_are_each_tokens_logprob_given_the_ones_before():
 def test_scoring_rows_are_prefilled_in_groups_of_bounded_logits():
     from types import SimpleNamespace
 
-    from tessera.serve import engine
+    from tessera.serve.runtime import engine
 
     def row(length: int):
         return SimpleNamespace(request=SimpleNamespace(prompt_ids=[1] * length))

@@ -54,14 +54,14 @@ class Stack:
 def stack(tiny_base, adapters):
     """A started engine on the tiny model with adapters a0..a2 installed (capacity 3)."""
     import torch
-    from tessera.serve.adapters import BaseModelSpec, prepare_adapter
-    from tessera.serve.engine import Engine
-    from tessera.serve.lora import LoraSlots
+    from tessera.serve.runtime.adapters import ServedBase, prepare_adapter
+    from tessera.serve.runtime.engine import Engine
+    from tessera.serve.runtime.lora import LoraSlots
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    spec = BaseModelSpec.of(model, "tessera/tiny-llama")
+    spec = ServedBase.of(model, "tessera/tiny-llama")
     engine = Engine(model, tokenizer, LoraSlots(model, 4, torch.float32, torch.device("cpu")),
                     max_batch_size=16, max_wait=0.01, eos_token_ids={tokenizer.eos_token_id})
     engine.start()
@@ -76,8 +76,8 @@ def stack(tiny_base, adapters):
 
 def generate(engine, tokenizer, jobs, *, stagger: float = 0.0, **params):
     """Submit (prompt, adapter) jobs, optionally spaced out so later ones join a running batch."""
-    from tessera.serve.engine import GenerationRequest
-    from tessera.serve.sampling import SamplingParams
+    from tessera.serve.runtime.engine import GenerationRequest
+    from tessera.serve.runtime.sampling import SamplingParams
 
     sampling = SamplingParams(**{"max_tokens": 12, "temperature": 0.0, **params})
     collectors = []
@@ -94,7 +94,7 @@ def generate(engine, tokenizer, jobs, *, stagger: float = 0.0, **params):
 
 
 def test_mixed_adapter_batches_equal_one_request_at_a_time(stack, monkeypatch):
-    from tessera.serve.engine import _Batch
+    from tessera.serve.runtime.engine import _Batch
 
     joined = []
     extend = _Batch.extend
@@ -128,7 +128,7 @@ def test_stacked_lora_forward_matches_peft_adapter_names(stack, tiny_base, adapt
     reference.eval()
     batch = tokenizer(PROMPTS[:4], return_tensors="pt", padding=True)
     names = ["a1", "__base__", "a2", "a0"]
-    slots = {name: slot for name, slot in engine._resident.items()}
+    slots = {name: slot for name, slot in engine.slots.resident.items()}
     with torch.no_grad():
         expected = reference(**batch, adapter_names=names).logits
         # The engine thread is idle between requests; set this forward's rows the way it does.
@@ -162,9 +162,9 @@ def test_full_capacity_evicts_and_reloads_on_demand(stack, adapters):
             threading.Thread(target=lambda: engine.install(name, prepared[name].weights).result()).start()
             return True
 
-    from tessera.serve.adapters import prepare_adapter
-    from tessera.serve.engine import GenerationRequest
-    from tessera.serve.sampling import SamplingParams
+    from tessera.serve.runtime.adapters import prepare_adapter
+    from tessera.serve.runtime.engine import GenerationRequest
+    from tessera.serve.runtime.sampling import SamplingParams
 
     prepared["a3"] = prepare_adapter("a3", str(adapters["a3"]), Path(adapters["a3"]), stack.spec, max_rank=64,
                                      expected_sha256=None)
@@ -189,15 +189,15 @@ def test_embedding_lora_matches_peft_alone_and_batched(tiny_base, adapters):
     an adapter whose embedding is untouched and with the base model."""
     import torch
     from peft import PeftModel
-    from tessera.serve.adapters import BaseModelSpec, prepare_adapter
-    from tessera.serve.engine import Engine
-    from tessera.serve.lora import BatchedLoraEmbedding, LoraSlots
+    from tessera.serve.runtime.adapters import ServedBase, prepare_adapter
+    from tessera.serve.runtime.engine import Engine
+    from tessera.serve.runtime.lora import BatchedLoraEmbedding, LoraSlots
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = ("embed", "embed-only", "a1")
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    spec = BaseModelSpec.of(model, "tessera/tiny-llama")
+    spec = ServedBase.of(model, "tessera/tiny-llama")
     engine = Engine(model, tokenizer, LoraSlots(model, len(names) + 1, torch.float32, torch.device("cpu")),
                     max_batch_size=16, max_wait=0.01, eos_token_ids={tokenizer.eos_token_id})
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapters["embed"],
@@ -226,7 +226,7 @@ def test_embedding_lora_matches_peft_alone_and_batched(tiny_base, adapters):
 
         batch = tokenizer(PROMPTS[:4], return_tensors="pt", padding=True)
         rows = ["embed", "a1", "__base__", "embed-only"]
-        slots = dict(engine._resident)
+        slots = dict(engine.slots.resident)
         with torch.no_grad():
             expected = reference(**batch, adapter_names=rows).logits
             engine.lora.batch.set([slots.get(name, 0) for name in rows], torch.device("cpu"))

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from tessera.serve.adapters import AdapterConfig, AdapterError, BaseModelSpec, check_allowed, compatibility_problems
-from tessera.serve.engine import visible_text
-from tessera.serve.registry import read_adapters_file
+from tessera.serve.runtime.adapters import (
+    AdapterConfig,
+    AdapterError,
+    ServedBase,
+    check_allowed,
+    compatibility_problems,
+)
+from tessera.serve.runtime.engine import visible_text
+from tessera.serve.runtime.registry import read_adapters_file
 
-BASE = BaseModelSpec(
+BASE = ServedBase(
     name="tessera/tiny-llama",
     architecture="LlamaForCausalLM",
     vocab_size=2272,
@@ -181,7 +187,7 @@ def test_visible_text_holds_back_possible_stop_strings():
 
 def test_top_p_keeps_the_nucleus_only():
     import torch
-    from tessera.serve.sampling import SamplingParams, filter_top_p, next_tokens
+    from tessera.serve.runtime.sampling import SamplingParams, filter_top_p, next_tokens
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     assert filter_top_p(probs, 0.7).tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0])
@@ -210,7 +216,7 @@ def test_adapters_file_is_refused_whole_naming_the_bad_entry(tmp_path):
 
 
 def test_precision_follows_the_hardware():
-    from tessera.serve.base_model import choose_precision, cpu_threads
+    from tessera.serve.runtime.base_model import choose_precision, cpu_threads
 
     assert choose_precision(cuda=True, quantization="auto", dtype="auto", bf16_supported=True) == ("4bit", "bfloat16")
     assert choose_precision(cuda=True, quantization="8bit", dtype="auto", bf16_supported=False) == ("8bit", "float16")
@@ -218,3 +224,24 @@ def test_precision_follows_the_hardware():
     assert choose_precision(cuda=False, quantization="4bit", dtype="bfloat16", bf16_supported=False) == (
         "4bit", "bfloat16")
     assert cpu_threads(3) == 3 and cpu_threads(None) >= 1
+
+
+def test_the_card_publish_writes_is_the_card_the_server_checks(tmp_path):
+    """`tessera publish` takes the base's identity from its config.json; the server refuses an adapter
+    whose card names another base, and accepts one whose card names its own."""
+    import json
+
+    from tessera.api.adapter_dir import MODEL_CARD_FILE, ModelCard
+    from tessera.publish import base_model_identity
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"], "vocab_size": 32000}))
+    architecture, vocab = base_model_identity(str(tmp_path))
+    card = json.loads(json.dumps(ModelCard(architecture=architecture, vocab_size=vocab).to_json()))
+    assert (card["architecture"], card["vocabSize"]) == ("MistralForCausalLM", 32000)
+    shapes = lora("model.layers.0.self_attn.q_proj", 8, 128, 128)
+    assert sorted(set(codes(AdapterConfig(), shapes, card))) == ["base_model_mismatch", "vocab_mismatch"]
+    own = ModelCard(architecture=BASE.architecture, vocab_size=BASE.vocab_size).to_json()
+    assert codes(AdapterConfig(), shapes, own) == []
+    assert base_model_identity(str(tmp_path / "missing")) == (None, None)
+    with pytest.raises(ValueError, match=f"{MODEL_CARD_FILE} is not a valid model card: vocabSize"):
+        ModelCard.read({"vocabSize": "many"})

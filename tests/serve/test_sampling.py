@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from tessera.serve.sampling import SamplingParams, next_tokens
+from tessera.serve.runtime.sampling import SamplingParams, next_tokens
 
 TEMPERATURES = [5e-324, 1e-300, 1e-40, 1e-12, 1e-6, 0.01, 0.7, 1.0, 2.0]
 TOP_PS = [1e-300, 1e-9, 0.1, 0.9, 1.0]
@@ -56,9 +56,9 @@ def test_an_overflowing_adapter_fails_its_requests_not_the_batch(tiny_base):
     """A real engine on the tiny model: requests to the base model (one with temperature 1e-40) share
     the batch with requests to an adapter whose scaled weights overflow the activations to inf/NaN;
     the base requests finish with tokens, the adapter's get a `generation_failed` error."""
-    from tessera.serve.engine import Engine, GenerationRequest
     from tessera.serve.errors import ServeError
-    from tessera.serve.lora import AdapterWeights, LoraSlots
+    from tessera.serve.runtime.engine import Engine, GenerationRequest
+    from tessera.serve.runtime.lora import AdapterWeights, LoraSlots
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
@@ -120,10 +120,10 @@ def _with_config(source, tmp_path, **changes):
 def test_adapter_scales_are_checked_after_scaling(tiny_base, small_adapter, tmp_path):
     """lora_alpha/r and alpha_pattern values are finite numbers, yet the product with B overflows:
     every spelling is refused at load with a 4xx reason, never served."""
-    from tessera.serve.adapters import AdapterError, BaseModelSpec, prepare_adapter
+    from tessera.serve.runtime.adapters import AdapterError, ServedBase, prepare_adapter
     from transformers import AutoModelForCausalLM
 
-    spec = BaseModelSpec.of(AutoModelForCausalLM.from_pretrained(tiny_base), None)
+    spec = ServedBase.of(AutoModelForCausalLM.from_pretrained(tiny_base), None)
     assert prepare_adapter("ok", "x", small_adapter, spec, max_rank=16, expected_sha256=None).rank == 4
     for changes in ({"lora_alpha": 1e308}, {"lora_alpha": 1e42}, {"lora_alpha": float("inf")},
                     {"lora_alpha": 1e300, "use_rslora": True}, {"alpha_pattern": {"q_proj": 1e300}},
@@ -137,7 +137,7 @@ def test_adapter_scales_are_checked_after_scaling(tiny_base, small_adapter, tmp_
         prepare_adapter("bad", "x", _with_config(small_adapter, tmp_path, alpha_pattern={"(": 1}), spec,
                         max_rank=16, expected_sha256=None)
     assert caught.value.status == 400 and "not a regular expression" in caught.value.message
-    half = BaseModelSpec(**{**spec.__dict__, "dtype": torch.float16})  # finite in float32, not in float16
+    half = ServedBase(**{**spec.__dict__, "dtype": torch.float16})  # finite in float32, not in float16
     with pytest.raises(AdapterError, match="overflow float16"):
         prepare_adapter("bad", "x", _with_config(small_adapter, tmp_path, lora_alpha=4e6), half, max_rank=16,
                         expected_sha256=None)
@@ -148,10 +148,10 @@ def test_adapter_files_never_echo_what_they_link_to(tiny_base, small_adapter, tm
     fields hold text, is refused naming the file and field, never quoting the content."""
     import shutil
 
-    from tessera.serve.adapters import AdapterError, BaseModelSpec, prepare_adapter
+    from tessera.serve.runtime.adapters import AdapterError, ServedBase, prepare_adapter
     from transformers import AutoModelForCausalLM
 
-    spec = BaseModelSpec.of(AutoModelForCausalLM.from_pretrained(tiny_base), None)
+    spec = ServedBase.of(AutoModelForCausalLM.from_pretrained(tiny_base), None)
     canary = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
     credentials = tmp_path / "credentials"
     for content in (f"[default]\naws_secret_access_key = {canary}\n", f'"{canary}"', f'{{"r": "{canary}"}}',

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tessera.evaluate import metrics as m
+from tessera.tasks import metrics as m
 
 # 8 examples, 3 classes, one unparsed prediction.
 GOLDS = ["pos", "pos", "pos", "neg", "neg", "neu", "neu", "neu"]

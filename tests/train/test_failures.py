@@ -53,8 +53,8 @@ def test_a_publish_that_dies_midway_leaves_no_adapter_in_the_registry(
     from minio import Minio
     from tessera.api import load_job
     from tessera.data import prepare
+    from tessera.publish import publish_job
     from tessera.store import S3Store, local_manifest, manifest_digest, open_store
-    from tessera.train.publish import publish_job
     from tessera.train.trainer import train_job
 
     from ..conftest import S3_ACCESS_KEY, S3_SECRET_KEY

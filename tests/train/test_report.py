@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessera.evaluate.report import best_checkpoint, format_table, improvement, majority_baseline
-from tessera.train.publish import default_version, numeric_metrics
+from tessera.publish import default_version, numeric_metrics
 
 
 def test_best_checkpoint_by_metric_direction_ties_to_the_later() -> None:

@@ -33,7 +33,7 @@ from tessera.agent.rules import (
     servability_problems,
 )
 from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
-from tessera.serve.adapters import (
+from tessera.serve.runtime.adapters import (
     ADAPTER_NAME,
     CONFIG_FILE,
     MODEL_CARD_FILE,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tessera.api.finetunejob import FineTuneJobSpec
-from tessera.serve.adapters import AdapterConfig, declared_base_name, parse_lora_key
+from tessera.serve.runtime.adapters import AdapterConfig, declared_base_name, parse_lora_key
 
 RuntimeKind = Literal["vllm", "tessera"]
 # vLLM accepts only these values of --max-lora-rank (vllm/config/lora.py, MaxLoRARanks).

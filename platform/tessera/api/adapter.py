@@ -10,7 +10,16 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tessera.api.base import SHA256_HEX, ArtifactUri, Condition, DnsLabel, DnsSubdomain, KubeModel, KubeResource
+from tessera.api.base import (
+    API_VERSION,
+    SHA256_HEX,
+    ArtifactUri,
+    Condition,
+    DnsLabel,
+    DnsSubdomain,
+    KubeModel,
+    KubeResource,
+)
 
 AdapterPhase = Literal["Pending", "Loading", "Ready", "Failed"]
 ReplicaState = Literal["Pending", "Loading", "Loaded", "Failed", "Unloaded"]
@@ -81,7 +90,7 @@ class AdapterStatus(KubeModel):
 class Adapter(KubeResource):
     """A LoRA adapter in the store, hot-loaded into the InferenceService of its base model."""
 
-    api_version: Literal["tessera.dev/v1alpha1"] = "tessera.dev/v1alpha1"
+    api_version: Literal["tessera.dev/v1alpha1"] = API_VERSION
     kind: Literal["Adapter"] = "Adapter"
     spec: AdapterSpec
     status: AdapterStatus | None = None

@@ -11,6 +11,11 @@ from pydantic.alias_generators import to_camel
 from tessera.errors import StoreError
 from tessera.store.uri import check_uri
 
+# The API group and version of every Tessera resource (CRDs, the operator's watches, child objects' owners).
+GROUP = "tessera.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
 # DNS-1123 label: names that end up in object names, label values and adapter names.
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"

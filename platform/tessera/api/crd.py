@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from tessera import GROUP, VERSION
 from tessera.api.adapter import Adapter, AdapterSpec, AdapterStatus
+from tessera.api.base import GROUP, VERSION
 from tessera.api.finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
 
 _DROPPED_KEYS = {"title", "$defs"}

@@ -10,8 +10,16 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from tessera import API_VERSION
-from tessera.api.base import ArtifactUri, Condition, DnsLabel, DnsSubdomain, KubeModel, KubeResource, StoreUri
+from tessera.api.base import (
+    API_VERSION,
+    ArtifactUri,
+    Condition,
+    DnsLabel,
+    DnsSubdomain,
+    KubeModel,
+    KubeResource,
+    StoreUri,
+)
 
 TaskName = Literal[
     "sentiment", "headline", "ner", "xbrl-tags", "xbrl-values", "recommendation", "forecast", "text", "chat"

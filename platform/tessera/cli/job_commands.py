@@ -119,7 +119,7 @@ def evaluate(
 
 def publish(job_file: Path = JOB_FILE, set_: list[str] = OVERRIDES, as_json: bool = AS_JSON) -> None:
     """Publish the evaluated adapter and its model card to adapters/<ns>/<name>/<version>/, atomically."""
-    from tessera.train.publish import publish_job
+    from tessera.publish import publish_job
 
     job = _setup(job_file, set_)
     with _json_only_stdout(as_json):

@@ -7,6 +7,13 @@ from pathlib import Path
 
 import typer
 
+from tessera.serve.settings import ServeSettings
+
+
+def _default(name: str):
+    """The server's own default for an option, so the CLI never repeats it."""
+    return ServeSettings.model_fields[name].get_default(call_default_factory=True)
+
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
@@ -14,36 +21,45 @@ def register(app: typer.Typer) -> None:
 
 def serve_command(
     model: str = typer.Option(..., "--model", help="Base model: store URI (s3://...) or model directory."),
-    port: int = typer.Option(8080, help="Port (a KServe predictor listens on 8080)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 in a pod."),
+    port: int = typer.Option(_default("port"), help="Port (a KServe predictor listens on 8080)."),
+    host: str = typer.Option(_default("host"), help="Address to bind; 0.0.0.0 in a pod."),
     adapters_file: Path = typer.Option(
-        None, help="JSON or YAML list of {name, path, sha256} loaded at start-up (a mounted ConfigMap)."
+        _default("adapters_file"),
+        help="JSON or YAML list of {name, path, sha256} loaded at start-up (a mounted ConfigMap)."
     ),
-    max_loras: int = typer.Option(8, help="Adapters resident at once; the least recently used is evicted."),
-    max_lora_rank: int = typer.Option(64, help="Adapters of higher rank are refused."),
+    max_loras: int = typer.Option(_default("max_loras"),
+        help="Adapters resident at once; the least recently used is evicted."),
+    max_lora_rank: int = typer.Option(_default("max_lora_rank"), help="Adapters of higher rank are refused."),
     allowed_prefix: list[str] = typer.Option(
-        [], "--allowed-prefix", help="Store URI or directory adapters may be loaded from (repeatable)."
+        _default("allowed_prefixes"), "--allowed-prefix",
+        help="Store URI or directory adapters may be loaded from (repeatable)."
     ),
     served_model_name: str = typer.Option(
-        None, help="Name of the base model in requests (default: the last part of its own name)."),
-    max_batch_size: int = typer.Option(32, help="Most sequences in one forward pass."),
-    max_wait_ms: float = typer.Option(5.0, help="How long an idle server gathers a burst into one batch."),
-    max_model_len: int = typer.Option(None, help="Context length limit (default: the model's)."),
-    quantization: str = typer.Option("auto", help="auto (4bit on GPU, none on CPU), 4bit, 8bit or none."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."),
-    cache_dir: Path = typer.Option(None, help="Where store downloads go (default: a temporary directory)."),
-    cpu_threads: int = typer.Option(None, help="Torch threads on a CPU (default: all cores but one)."),
-    max_request_bytes: int = typer.Option(4 << 20, help="Largest request body in bytes; larger ones get 413."),
-    max_prompts: int = typer.Option(64, help="Most prompts (or KServe instances) in one request."),
-    max_request_tokens: int = typer.Option(65536, help="Most tokens one request may generate (prompts x n x "
-                                           "max_tokens)."),
+        _default("served_model_name"),
+        help="Name of the base model in requests (default: the last part of its own name)."),
+    max_batch_size: int = typer.Option(_default("max_batch_size"), help="Most sequences in one forward pass."),
+    max_wait_ms: float = typer.Option(_default("max_wait_ms"),
+        help="How long an idle server gathers a burst into one batch."),
+    max_model_len: int = typer.Option(_default("max_model_len"), help="Context length limit (default: the model's)."),
+    quantization: str = typer.Option(_default("quantization"),
+        help="auto (4bit on GPU, none on CPU), 4bit, 8bit or none."),
+    dtype: str = typer.Option(_default("dtype"), help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."),
+    cache_dir: Path = typer.Option(_default("cache_dir"),
+        help="Where store downloads go (default: a temporary directory)."),
+    cpu_threads: int = typer.Option(_default("cpu_threads"),
+        help="Torch threads on a CPU (default: all cores but one)."),
+    max_request_bytes: int = typer.Option(_default("max_request_bytes"),
+        help="Largest request body in bytes; larger ones get 413."),
+    max_prompts: int = typer.Option(_default("max_prompts"), help="Most prompts (or KServe instances) in one request."),
+    max_request_tokens: int = typer.Option(_default("max_request_tokens"),
+        help="Most tokens one request may generate (prompts x n x max_tokens)."),
 ) -> None:
     """Serve a base model and hot-loaded LoRA adapters (OpenAI, vLLM adapter API, KServe v1/v2)."""
     from pydantic import ValidationError
 
     from tessera.errors import InvalidSpecError
     from tessera.redact import install_log_redaction
-    from tessera.serve.app import ServeSettings, serve
+    from tessera.serve.app import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()

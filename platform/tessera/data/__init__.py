@@ -7,7 +7,8 @@ the base model's chat template, tokenise with prompt tokens masked, pack, and `p
 from tessera.data.features import IGNORE_INDEX, Collator, build_features, pack, tokenize
 from tessera.data.load import FORMATS, SourceData, detect_format, load_records, read_dataset
 from tessera.data.prepare import PreparedDataset, load_prepared, prepare
-from tessera.data.render import (
+from tessera.data.split import sample, split_train_eval
+from tessera.data.template import (
     TokenizerError,
     encode_example,
     encode_examples,
@@ -15,7 +16,6 @@ from tessera.data.render import (
     load_tokenizer,
     prompt_text,
 )
-from tessera.data.split import sample, split_train_eval
 from tessera.data.validate import BadRow, BadRowsError, CheckedRecord, check_records, record_examples, validate_records
 from tessera.tasks.base import apply_label_map
 

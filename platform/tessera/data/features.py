@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tessera.data.render import encode_example, encode_examples, is_document
+from tessera.data.template import encode_example, encode_examples, is_document
 from tessera.tasks import Example
 
 IGNORE_INDEX = -100

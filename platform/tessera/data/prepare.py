@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tessera.data.load import LINE_KEY, ROW_KEY, SourceData, read_dataset
-from tessera.data.render import load_tokenizer
 from tessera.data.split import sample, split_train_eval
+from tessera.data.template import load_tokenizer
 from tessera.data.validate import CheckedRecord, check_columns, check_records, enforce_policy
 from tessera.tasks import Example, get_task
 from tessera.tasks.base import single_label

@@ -113,7 +113,7 @@ def check_records(
     max_seq_length: int | None = None,
 ) -> tuple[list[CheckedRecord], list[BadRow]]:
     """`validate_records` keeping what it computed: each good record's examples and token lengths."""
-    from tessera.data.render import encode_examples
+    from tessera.data.template import encode_examples
 
     passed: list[tuple[Mapping[str, Any], list[Example]]] = []
     bad: list[BadRow] = []

@@ -1,4 +1,4 @@
-"""Evaluation: metrics (`metrics`), the base-vs-adapter runner (`runner.evaluate_job`) and its report.
+"""Evaluation: the base-vs-adapter runner (`runner.evaluate_job`) and its report.
 
-Kept free of heavy imports: tasks import `tessera.evaluate.metrics` in processes without torch.
+The metrics themselves live with the tasks (`tessera.tasks.metrics`), below this package.
 """

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.api import FineTuneJob, paths
+from tessera.api.adapter_dir import CONFIG_FILE
 from tessera.errors import TesseraError
 from tessera.evaluate.report import best_checkpoint, improvement, label_counts, majority_baseline
 from tessera.scratch import scratch_dir
@@ -104,7 +105,7 @@ def score_model(
 ) -> dict[str, Any]:
     """The task's metrics for one model, with `eval_loss`, samples/s and seconds per example."""
     from tessera.data import Collator, build_features, encode_prompt
-    from tessera.data.render import is_document
+    from tessera.data.template import is_document
 
     evaluation = job.spec.evaluation
     features = build_features(examples, tokenizer, job.spec.training.max_seq_length, packing=False)
@@ -151,8 +152,8 @@ def _candidates(job: FineTuneJob, artifacts: Any, adapter_uri: str | None, workd
 
     if adapter_uri is not None:
         path = fetch(adapter_uri, workdir / "adapter")
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise NothingToEvaluateError(f"{adapter_uri} is not a PEFT adapter directory (no adapter_config.json)")
+        if not (Path(path) / CONFIG_FILE).is_file():
+            raise NothingToEvaluateError(f"{adapter_uri} is not a PEFT adapter directory (no {CONFIG_FILE})")
         return [Candidate("adapter", adapter_uri, None, Path(path))]
     steps = artifacts.checkpoint_steps()
     if not steps:
@@ -175,7 +176,7 @@ def evaluate_job(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tessera.train.artifacts import JobArtifacts
+    from tessera.store.jobs import JobArtifacts
     from tessera.train.distributed import DistEnv
     from tessera.train.modeling import detect_hardware, device_for, fetch_base_model, load_base_model
     from tessera.train.plan import compute_precision

@@ -43,7 +43,7 @@ def ensure_base_model(job: FineTuneJob) -> None:
 
 def start_over(job: FineTuneJob) -> None:
     """Forget the job's earlier run: prepared data, checkpoints, logs, report (adapters stay)."""
-    from tessera.train.artifacts import JobArtifacts
+    from tessera.store.jobs import JobArtifacts
 
     artifacts = JobArtifacts.open(job)
     artifacts.store.delete(artifacts.key(paths.job_prefix(job)), recursive=True, missing_ok=True)
@@ -79,7 +79,7 @@ def run_job(job: FineTuneJob, *, fresh: bool = False, show_progress: bool = True
     from tessera.data import prepare
     from tessera.evaluate.report import format_table
     from tessera.evaluate.runner import evaluate_job
-    from tessera.train.publish import publish_job
+    from tessera.publish import publish_job
 
     ensure_base_model(job)
     if fresh:

@@ -4,7 +4,7 @@ Why not `kserve.ModelServer`: it parses the process's argv at import, starts a g
 installs its own signal handlers, and its OpenAI routes need vLLM. Tessera uses KServe where it
 fits (its `Model`, `ModelRepository`, data plane, v1/v2 routes and error handlers) on an app it
 owns, served by the same uvicorn, listening on 8080 as a KServe predictor must. The model itself
-is driven by `tessera.serve.engine`, a batching thread, not by request handlers.
+is driven by `tessera.serve.runtime.engine`, a batching thread, not by request handlers.
 """
 
 from __future__ import annotations
@@ -19,55 +19,31 @@ from pathlib import Path
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, Field
 
-from tessera.serve.base_model import DType, Quantization
+from tessera.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-
-class ServeSettings(BaseModel):
-    model: str = Field(description="Base model: store URI (s3://...) or Hugging Face model directory.")
-    served_model_name: str | None = Field(
-        None, description="Name of the base in requests; default: its own (upstream) name. KServe routes, which "
-                          "cannot address a slash, know it by the last part of the name.")
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    adapters_file: Path | None = None
-    max_loras: int = Field(8, ge=1, description="Adapters resident at once; more are evicted (LRU) and reloaded.")
-    max_lora_rank: int = Field(64, ge=1)
-    allowed_prefixes: list[str] = Field(default_factory=list, description="Where adapters may come from.")
-    max_batch_size: int = Field(32, ge=1)
-    max_wait_ms: float = Field(5.0, ge=0)
-    max_model_len: int | None = Field(None, ge=16)
-    quantization: Quantization = "auto"
-    dtype: DType = "auto"
-    cache_dir: Path | None = None
-    cpu_threads: int | None = Field(None, ge=1, description="Torch threads on a CPU; default: all cores but one.")
-    max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request body; larger ones get 413.")
-    max_prompts: int = Field(64, ge=1, description="Most prompts (or KServe instances) in one request.")
-    max_request_tokens: int = Field(65536, ge=1, description="Most tokens one request may generate: "
-                                    "prompts x n x max_tokens.")
 
 
 @dataclass
 class Server:
     app: FastAPI
-    service: object  # tessera.serve.service.ModelService
+    service: object  # tessera.serve.runtime.service.ModelService
     settings: ServeSettings
 
 
 def build_server(settings: ServeSettings) -> Server:
     """Load the base model and assemble the app; the engine starts with the app's lifespan."""
-    from tessera.serve import kserve_api
-    from tessera.serve.adapters import AdapterError, BaseModelSpec
-    from tessera.serve.base_model import load_base
-    from tessera.serve.engine import Engine
-    from tessera.serve.http_errors import install_error_handlers, limit_body_size
-    from tessera.serve.lora import LoraSlots
-    from tessera.serve.openai_api import openai_router
-    from tessera.serve.registry import AdapterRegistry
-    from tessera.serve.service import ModelService, RequestLimits
+    from tessera.serve.http import kserve_api
+    from tessera.serve.http.admin import admin_router
+    from tessera.serve.http.errors import install_error_handlers, limit_body_size
+    from tessera.serve.http.openai_api import openai_router
+    from tessera.serve.runtime.adapters import AdapterError, ServedBase
+    from tessera.serve.runtime.base_model import load_base
+    from tessera.serve.runtime.engine import Engine
+    from tessera.serve.runtime.lora import LoraSlots
+    from tessera.serve.runtime.registry import AdapterRegistry
+    from tessera.serve.runtime.service import ModelService, RequestLimits
 
     # A cache directory of our own (no --cache-dir) holds a downloaded base model: removed at exit.
     own_cache = settings.cache_dir is None
@@ -87,7 +63,7 @@ def build_server(settings: ServeSettings) -> Server:
             shutil.rmtree(cache_dir, ignore_errors=True)
         raise
     served_name = settings.served_model_name or base.name or base.directory.name
-    spec = BaseModelSpec.of(base.model, base.name)
+    spec = ServedBase.of(base.model, base.name)
     lora = LoraSlots(base.model, settings.max_loras + 1, base.dtype, base.device)
     engine = Engine(
         base.model,
@@ -139,6 +115,7 @@ def build_server(settings: ServeSettings) -> Server:
     install_error_handlers(app)
     app.add_middleware(limit_body_size, max_bytes=limits.max_request_bytes)
     app.include_router(openai_router(service))
+    app.include_router(admin_router(service))
     kserve_api.mount_kserve(app, service)
 
     async def metrics_endpoint() -> Response:

@@ -1,7 +1,7 @@
 """The one error type of the serving boundary.
 
 Anything the server refuses or cannot serve is a `ServeError`: the engine, the registry and the
-request parsers raise it, and `tessera.serve.http_errors` turns it into each protocol's error shape.
+request parsers raise it, and `tessera.serve.http.errors` turns it into each protocol's error shape.
 Its message is written for the client: never a traceback, file content or environment.
 """
 
@@ -28,3 +28,8 @@ class ServeError(Exception):
 def model_not_found(name: str) -> ServeError:
     """OpenAI's words for a model the server does not serve (vLLM says the same)."""
     return ServeError(f"The model `{name}` does not exist.", status=404, code="model_not_found", param="model")
+
+
+def repository_model_not_found(name: str) -> ServeError:
+    """KServe's words (its `ModelNotFound`) for a model its repository cannot load."""
+    return ServeError(f"Model with name {name} does not exist.", status=404, code="model_not_found")

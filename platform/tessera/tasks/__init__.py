@@ -1,4 +1,4 @@
-"""Financial tasks: one module per task, each a prompt template, answer parsing and metrics.
+"""Financial tasks: one module per task, each a prompt template, answer parsing and metrics (`metrics`).
 
     >>> from tessera.tasks import get_task
     >>> task = get_task("sentiment")

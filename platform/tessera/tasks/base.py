@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from tessera.evaluate import metrics as m
+from tessera.tasks import metrics as m
 from tessera.tasks import parsing
 
 

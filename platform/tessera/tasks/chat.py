@@ -1,7 +1,7 @@
 """Generic chat: `messages` records ([{"role": "system"|"user"|"assistant", "content": ...}, ...]).
 
 The conversation must end with an assistant turn; every assistant turn is trained on, everything
-else is context. It is rendered with the base model's own chat template (see `tessera.data.render`),
+else is context. It is rendered with the base model's own chat template (see `tessera.data.template`),
 or, when the tokenizer has none, with the plain 'Role: content' layout of `plain_transcript`.
 Evaluation generates the last assistant turn from the ones before and scores it with ROUGE.
 """

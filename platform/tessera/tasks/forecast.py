@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tessera.evaluate import metrics as m
+from tessera.tasks import metrics as m
 from tessera.tasks import parsing
 from tessera.tasks.base import (
     ClassificationTask,

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tessera.evaluate import metrics as m
+from tessera.tasks import metrics as m
 from tessera.tasks import parsing
 from tessera.tasks.base import Example, RowError, Task, instruction_prompt, raw_label, require_text, require_value
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,28 +25,6 @@ IGNORE_INDEX = -100
 # Architectures whose logits are exactly `lm_head(last_hidden_state)`: no softcapping, no logit
 # scale. Others run their own forward, with logits for every position.
 PLAIN_LM_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
-
-
-class Engine(Protocol):
-    name: str
-    module: Any  # the PEFT model
-
-    def micro_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Forward and backward one micro-batch; returns the detached (unscaled) loss."""
-
-    def optimizer_step(self) -> None:
-        """Clip, step the optimizer and the LR schedule, clear gradients (after `accumulation` micro-steps)."""
-
-    @property
-    def learning_rate(self) -> float: ...
-
-    def save(self, directory: Path) -> None:
-        """Write this rank's optimizer/scheduler state under `directory` (file names unique per rank)."""
-
-    def load(self, directory: Path) -> None: ...
-
-    def save_adapter(self, directory: Path, *, is_main: bool) -> None:
-        """Write the adapter as a PEFT directory (rank 0 writes; every rank must call)."""
 
 
 class AnswerLoss(torch.nn.Module):

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tessera.api import FineTuneJob
+from tessera.store.jobs import JobArtifacts
 from tessera.train import plan
-from tessera.train.artifacts import JobArtifacts
 from tessera.train.checkpoint import TrainState, find_resume_point, restore, save_checkpoint
 from tessera.train.distributed import Collective, DistEnv
 from tessera.train.progress import ProgressReporter, progress_document

@@ -1,4 +1,4 @@
-"""A job's artifacts: the store named by `spec.store.uri` and the job's keys inside it."""
+"""A job's artifacts: the store named by `spec.store.uri` and the job's keys inside it (`jobs/<ns>/<job>/...`)."""
 
 from __future__ import annotations
 

@@ -18,12 +18,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tessera.errors import StoreError, TesseraError
+from tessera.api.adapter_dir import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE, ModelCard
+from tessera.errors import StoreError
+from tessera.serve.errors import ServeError
 from tessera.store.uri import Location, parse_uri
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-MODEL_CARD_FILE = "model-card.json"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
 _LORA_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.[^.]+)?$")
@@ -31,18 +30,15 @@ _LORA_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora
 _EMBEDDING_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 
 
-class AdapterError(TesseraError):
-    """An adapter was refused. `status` is the HTTP status, `code` a stable machine-readable reason."""
+class AdapterError(ServeError):
+    """An adapter was refused: the boundary's error, about the request's `lora_path`."""
 
     def __init__(self, message: str, *, code: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = str(self)  # redacted by TesseraError
-        self.code = code
-        self.status = status
+        super().__init__(message, status=status, code=code, param="lora_path")
 
 
 @dataclass(frozen=True)
-class BaseModelSpec:
+class ServedBase:
     """What an adapter must match: the served base model's identity and its LoRA-able layers."""
 
     name: str | None
@@ -53,7 +49,7 @@ class BaseModelSpec:
     dtype: Any = None  # the served weights' torch dtype: scaled adapters must stay finite in it
 
     @classmethod
-    def of(cls, model: Any, name: str | None) -> BaseModelSpec:
+    def of(cls, model: Any, name: str | None) -> ServedBase:
         linear, embedding = {}, {}
         for module_name, module in model.named_modules():
             if not module_name:
@@ -153,12 +149,15 @@ def read_adapter_files(directory: Path) -> tuple[AdapterConfig, dict[str, Any]]:
     card_path = adapter_file(directory, MODEL_CARD_FILE)
     if card_path is not None:
         try:
-            card = json.loads(card_path.read_bytes())
+            document = json.loads(card_path.read_bytes())
         except ValueError as error:
             raise AdapterError(f"{MODEL_CARD_FILE} is not valid JSON ({_json_problem(error)})",
                                code="adapter_corrupt") from None
-        if not isinstance(card, dict):
-            raise AdapterError(f"{MODEL_CARD_FILE} must hold a JSON object", code="adapter_corrupt")
+        try:
+            ModelCard.read(document)
+        except ValueError as error:
+            raise AdapterError(str(error), code="adapter_corrupt") from None
+        card = document
     return config, card
 
 
@@ -182,19 +181,20 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~", "file://", "s3://")) or os.path.isabs(name) or os.path.exists(name)
 
 
-def declared_base_name(config: AdapterConfig, card: dict[str, Any]) -> str | None:
+def _model_card(card: ModelCard | dict[str, Any]) -> ModelCard:
+    return card if isinstance(card, ModelCard) else ModelCard.read(card)
+
+
+def declared_base_name(config: AdapterConfig, card: ModelCard | dict[str, Any]) -> str | None:
     """The base model the adapter says it was trained on: the model card first, then PEFT's config."""
-    card_base = card.get("baseModel")
-    if isinstance(card_base, dict):
-        card_base = card_base.get("name")
-    return card_base or config.base_model_name_or_path
+    return _model_card(card).base_model_name or config.base_model_name_or_path
 
 
 def compatibility_problems(
     config: AdapterConfig,
-    card: dict[str, Any],
+    card: ModelCard | dict[str, Any],
     tensor_shapes: dict[str, tuple[int, ...]],
-    base: BaseModelSpec,
+    base: ServedBase,
     max_rank: int,
 ) -> list[tuple[str, str]]:
     """Every reason the adapter cannot serve on `base`, as (code, message); empty when it fits.
@@ -203,6 +203,7 @@ def compatibility_problems(
     without a model. Shapes are the strongest check: an adapter trained on another base model
     has other module names or other dimensions, whatever its config claims.
     """
+    card = _model_card(card)
     problems: list[tuple[str, str]] = []
     if config.peft_type.upper() != "LORA":
         problems.append(("adapter_unsupported", f"peft_type {config.peft_type} is not LORA"))
@@ -226,14 +227,14 @@ def compatibility_problems(
             "base_model_mismatch",
             f"adapter was trained for base model {declared!r}, this server serves {base.name!r}",
         ))
-    card_architecture = card.get("architecture")
+    card_architecture = card.architecture
     if card_architecture and base.architecture and card_architecture != base.architecture:
         problems.append((
             "base_model_mismatch",
             f"adapter was trained for a {card_architecture}, this server serves a {base.architecture}",
         ))
-    card_vocab = card.get("vocabSize")
-    if card_vocab and int(card_vocab) != base.vocab_size:
+    card_vocab = card.vocab_size
+    if card_vocab and card_vocab != base.vocab_size:
         problems.append((
             "vocab_mismatch", f"adapter was trained with vocabulary size {card_vocab}, the base has {base.vocab_size}"
         ))
@@ -309,7 +310,7 @@ def parse_lora_key(key: str) -> tuple[str, str, bool] | None:
     return None
 
 
-def is_embedding_copy(key: str, shape: tuple[int, ...], base: BaseModelSpec) -> bool:
+def is_embedding_copy(key: str, shape: tuple[int, ...], base: ServedBase) -> bool:
     """Whether `key` is the base embedding table peft saves beside an embedding LoRA.
 
     The table was frozen in training, so it is the served base's own: the server skips it."""
@@ -361,14 +362,14 @@ class PreparedAdapter:
     rank: int
     task: str | None
     base_model: str | None
-    weights: Any  # tessera.serve.lora.AdapterWeights
+    weights: Any  # tessera.serve.runtime.lora.AdapterWeights
 
 
 def prepare_adapter(
     name: str,
     source: str,
     directory: Path,
-    base: BaseModelSpec,
+    base: ServedBase,
     *,
     max_rank: int,
     expected_sha256: str | None,
@@ -378,7 +379,7 @@ def prepare_adapter(
     import torch
     from safetensors import SafetensorError, safe_open
 
-    from tessera.serve.lora import AdapterWeights
+    from tessera.serve.runtime.lora import AdapterWeights
 
     config, card = read_adapter_files(directory)
     digest = weights_sha256(directory)
@@ -410,7 +411,7 @@ def prepare_adapter(
         source=source,
         sha256=digest,
         rank=rank,
-        task=task or card.get("task"),
+        task=task or _model_card(card).task,
         base_model=declared_base_name(config, card),
         weights=AdapterWeights(modules=modules, rank=rank),
     )

@@ -1,6 +1,6 @@
-"""OpenAI-compatible completions, chat completions and models, and vLLM's adapter API.
+"""OpenAI-compatible completions, chat completions and models (vLLM's adapter API is in `admin`).
 
-Requests are validated by pydantic and refused as `ServeError`s, which `tessera.serve.http_errors`
+Requests are validated by pydantic and refused as `ServeError`s, which `tessera.serve.http.errors`
 answers in OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`) with the status
 codes the `openai` SDK maps to its exceptions. Parameters the server does not implement are
 refused, never silently ignored.
@@ -17,14 +17,14 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tessera.serve import metrics
-from tessera.serve.engine import ChoiceDelta
 from tessera.serve.errors import ServeError
-from tessera.serve.sampling import SamplingParams, TokenLogprob
-from tessera.serve.service import ModelService, Usage, check_budget, unicode_problem
+from tessera.serve.runtime.engine import ChoiceDelta
+from tessera.serve.runtime.sampling import SamplingParams, TokenLogprob
+from tessera.serve.runtime.service import ModelService, Usage, check_budget, unicode_problem
 
 log = logging.getLogger(__name__)
 
@@ -146,25 +146,6 @@ class ChatCompletionRequest(_SamplingRequest):
         for message in self.messages:
             message.text()  # refuses non-text content here, as a validation error
         return self
-
-
-class LoadLoraRequest(BaseModel):
-    """vLLM's body, plus Tessera's optional sha256 and task."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    lora_name: Text
-    lora_path: Text
-    load_inplace: bool = False
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    task: Text | None = None
-
-
-class UnloadLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    lora_name: Text | None = None
-    lora_int_id: int | None = None
 
 
 # ---- responses ----
@@ -496,23 +477,6 @@ class OpenAIRoutes:
         self._resolve(model_name, "models")
         return {**self._model_card(model_name), "name": model_name, "ready": True}
 
-    async def load_lora_adapter(self, body: LoadLoraRequest) -> PlainTextResponse:
-        """vLLM's answers: plain text on success; 400 for a name already served unless `load_inplace`."""
-        if not body.lora_name or not body.lora_path:
-            raise ServeError("Both 'lora_name' and 'lora_path' must be provided.", param="lora_name",
-                             type="InvalidUserInput")
-        if body.lora_name in (self.service.served_name, self.service.kserve_name):
-            raise ServeError(f"The lora adapter name '{body.lora_name}' conflicts with the served base model.",
-                             param="lora_name", code="invalid_name", type="InvalidUserInput")
-        record = await self.service.registry.load(body.lora_name, body.lora_path, body.sha256, body.task,
-                                                  inplace=body.load_inplace)
-        return PlainTextResponse(f"Success: LoRA adapter '{record.name}' added successfully.")
-
-    async def unload_lora_adapter(self, body: UnloadLoraRequest) -> PlainTextResponse:
-        name = self.service.registry.named(body.lora_name or None, body.lora_int_id)
-        await self.service.registry.unload(name)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
-
 
 def openai_router(service: ModelService) -> APIRouter:
     routes = OpenAIRoutes(service)
@@ -524,8 +488,4 @@ def openai_router(service: ModelService) -> APIRouter:
         router.add_api_route(f"{prefix}/models", routes.list_models, methods=["GET"])
         # `path`: base model names have a slash (tessera/tiny-llama), as in OpenAI's own model ids.
         router.add_api_route(f"{prefix}/models/{{model_name:path}}", routes.get_model, methods=["GET"])
-        router.add_api_route(f"{prefix}/load_lora_adapter", routes.load_lora_adapter, methods=["POST"],
-                             response_model=None)
-        router.add_api_route(f"{prefix}/unload_lora_adapter", routes.unload_lora_adapter, methods=["POST"],
-                             response_model=None)
     return router

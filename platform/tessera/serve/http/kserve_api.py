@@ -5,7 +5,7 @@ of the server's one adapter registry, and the routes and request decoding are KS
 (`register_v1_endpoints`, `register_v2_endpoints`), mounted on the server's FastAPI app; errors
 take KServe's `{"error": ...}` shape through the server's one error mapper. A predict request carries texts
 (or records of the task's fields); the answer is the task's label, parsed from a greedy
-generation with the prompt format the adapter was trained with (`tessera.data.render`).
+generation with the prompt format the adapter was trained with (`tessera.data.template`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
 from tessera.serve import metrics
 from tessera.serve.errors import ServeError
-from tessera.serve.sampling import SamplingParams
-from tessera.serve.service import ModelService, Usage
+from tessera.serve.runtime.sampling import SamplingParams
+from tessera.serve.runtime.service import ModelService, Usage
 
 if TYPE_CHECKING:
     from tessera.tasks import Task
@@ -99,7 +99,7 @@ class ServedModel(Model):
         tokenizer = self.service.tokenizer
         if task is None:
             return tokenizer(str(record.get("text", ""))).input_ids
-        from tessera.data.render import encode_prompt
+        from tessera.data.template import encode_prompt
         from tessera.tasks import RowError
 
         filled = dict(record)
@@ -210,7 +210,7 @@ class TesseraDataPlane(DataPlane):
 
 
 def mount_kserve(app: FastAPI, service: ModelService) -> None:
-    """Add KServe's v1/v2 routes over the registry; errors go through `tessera.serve.http_errors`."""
+    """Add KServe's v1/v2 routes over the registry; errors go through `tessera.serve.http.errors`."""
     view = RegistryView(service)
     dataplane = TesseraDataPlane(view, service)
     app.add_api_route("/", dataplane.live, methods=["GET"])

@@ -23,16 +23,16 @@ from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableErro
 from tessera.safe_yaml import safe_load
 from tessera.scratch import scratch_dir
 from tessera.serve import metrics
-from tessera.serve.adapters import (
+from tessera.serve.errors import ServeError, repository_model_not_found
+from tessera.serve.runtime.adapters import (
     ADAPTER_NAME,
     AdapterError,
-    BaseModelSpec,
     PreparedAdapter,
+    ServedBase,
     check_allowed,
     prepare_adapter,
 )
-from tessera.serve.engine import Engine
-from tessera.serve.errors import ServeError
+from tessera.serve.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,11 @@ def not_loaded(name: str | int) -> ServeError:
                       param="lora_name", type="NotFoundError")
 
 
-def refused(error: AdapterError) -> ServeError:
-    return ServeError(error.message, status=error.status, code=error.code, param="lora_path")
-
-
 class AdapterRegistry:
     def __init__(
         self,
         engine: Engine,
-        base: BaseModelSpec,
+        base: ServedBase,
         *,
         max_rank: int,
         allowed_prefixes: list[str],
@@ -167,11 +163,11 @@ class AdapterRegistry:
                                        prepared.base_model, next(self._ids))
                 self.records[name] = record
                 self.unloaded.pop(name, None)
-        except (AdapterError, ServeError) as error:
+        except ServeError as error:
             metrics.ADAPTER_LOAD_FAILURES.labels(error.code).inc()
             metrics.ADAPTER_LOAD_SECONDS.labels("failed").observe(time.perf_counter() - started)
             log.warning("refused adapter %s from %s: %s", name, source, error.message)
-            raise refused(error) if isinstance(error, AdapterError) else error from None
+            raise error from None
         metrics.ADAPTER_LOAD_SECONDS.labels("loaded").observe(time.perf_counter() - started)
         metrics.ADAPTERS_REGISTERED.set(len(self.records))
         log.info("loaded adapter %s (rank %d) from %s in %.3fs", name, record.rank, source,
@@ -206,7 +202,7 @@ class AdapterRegistry:
             return self.records[name]
         record = self.unloaded.get(name)
         if record is None:
-            raise ServeError(f"Model with name {name} does not exist.", status=404, code="model_not_found")
+            raise repository_model_not_found(name)
         return await self.load(name, record.source, record.sha256, record.task)
 
     async def load_file(self, path: Path) -> list[tuple[str, str | None]]:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tessera.serve import metrics
-from tessera.serve.base_model import LoadedBase
-from tessera.serve.engine import ChoiceDelta, Engine, GenerationRequest
 from tessera.serve.errors import ServeError, model_not_found
-from tessera.serve.registry import AdapterRegistry
-from tessera.serve.sampling import SamplingParams
+from tessera.serve.runtime.base_model import LoadedBase
+from tessera.serve.runtime.engine import ChoiceDelta, Engine, GenerationRequest
+from tessera.serve.runtime.registry import AdapterRegistry
+from tessera.serve.runtime.sampling import SamplingParams
 
 T = TypeVar("T")
 

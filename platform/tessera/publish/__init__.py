@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from tessera.api import FineTuneJob, paths
+from tessera.api.adapter_dir import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE, CardBaseModel, ModelCard
 from tessera.errors import TesseraError
 from tessera.scratch import scratch_dir
 from tessera.store import local_manifest, manifest_digest, open_store
-from tessera.train.artifacts import JobArtifacts
+from tessera.store.jobs import JobArtifacts
 from tessera.train.checkpoint import ADAPTER_DIR, load_state
 
 log = logging.getLogger(__name__)
 
-MODEL_CARD = "model-card.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 # PEFT writes a README with a templated card that names the trainer's scratch path; ours replaces it.
 _DROPPED_FILES = ("README.md",)
 
@@ -55,55 +53,71 @@ def base_model_digest(uri: str) -> str | None:
         return None
 
 
+def base_model_identity(uri: str) -> tuple[str | None, int | None]:
+    """(architecture, vocabulary size) from the base's `config.json`: the server checks an adapter against them."""
+    store, key = open_store(uri)
+    try:
+        config = store.get_json(f"{key}/config.json")
+    except TesseraError as error:
+        log.warning("cannot read the config of the base model %s: %s", uri, error)
+        return None, None
+    architectures = config.get("architectures") or [None]
+    return architectures[0], config.get("vocab_size")
+
+
 def model_card(
     job: FineTuneJob, *, version: str, created_at: datetime, report: dict[str, Any] | None,
     checkpoint: str, state: Any, dataset_manifest: dict[str, Any], base_digest: str | None,
-) -> dict[str, Any]:
+    base_identity: tuple[str | None, int | None] = (None, None),
+) -> ModelCard:
     spec = job.spec
     device_hours = state.device_seconds / 3600
-    return {
-        "name": job.adapter_name,
-        "version": version,
-        "createdAt": created_at.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "task": spec.dataset.task,
-        "baseModel": {"name": spec.base_model.name, "uri": spec.base_model.uri, "sha256": base_digest},
-        "dataset": {
+    architecture, vocab_size = base_identity
+    return ModelCard(
+        name=job.adapter_name,
+        version=version,
+        created_at=created_at.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        task=spec.dataset.task,
+        base_model=CardBaseModel(name=spec.base_model.name, uri=spec.base_model.uri, sha256=base_digest),
+        architecture=architecture,
+        vocab_size=vocab_size,
+        dataset={
             "uri": spec.dataset.uri,
             "sha256": dataset_manifest.get("datasetSha256"),
             "preparedFiles": dataset_manifest.get("files", {}),
             "examples": dataset_manifest.get("examples"),
         },
-        "lineage": {
+        lineage={
             "job": f"{job.metadata.namespace}/{job.metadata.name}",
             "uid": job.metadata.uid,
             "checkpoint": checkpoint,
         },
-        "hyperparameters": {
+        hyperparameters={
             "quantization": spec.base_model.quantization.model_dump(mode="json", by_alias=True),
             "computeDtype": spec.base_model.compute_dtype,
             "lora": spec.lora.model_dump(mode="json", by_alias=True),
             "training": spec.training.model_dump(mode="json", by_alias=True),
             "distribution": spec.distribution.model_dump(mode="json", by_alias=True),
         },
-        "metrics": None if report is None else {
+        metrics=None if report is None else {
             "metric": report["metric"],
             "samples": report["samples"],
             "adapter": report["adapter"],
             "base": report["base"],
             "majority": report.get("majority"),
         },
-        "training": {
+        training={
             "steps": state.step,
             "trainLoss": state.history[-1]["loss"] if state.history else None,
             "trainedTokens": state.trained_tokens,
             "deviceHours": device_hours,
         },
-        "cost": {
+        cost={
             "amount": round(device_hours * spec.cost.price_per_device_hour, 6),
             "currency": spec.cost.currency,
             "pricePerDeviceHour": spec.cost.price_per_device_hour,
         },
-    }
+    )
 
 
 def _stage_adapter(artifacts: JobArtifacts, checkpoint: str, job: FineTuneJob, target: Path) -> None:
@@ -119,7 +133,7 @@ def _stage_adapter(artifacts: JobArtifacts, checkpoint: str, job: FineTuneJob, t
 
 def _own_published_version(
     artifacts: JobArtifacts, job: FineTuneJob, checkpoint: str, weights_sha: str
-) -> tuple[str, dict[str, Any]] | None:
+) -> tuple[str, ModelCard] | None:
     """(version, model card) of a complete publish of this job's `checkpoint` with these weights, if any.
 
     Only complete publishes are listed (an interrupted one is invisible and gets published over)."""
@@ -133,8 +147,8 @@ def _own_published_version(
         prefix = f"{root}/{version}"
         if not store.is_published(prefix):
             continue
-        card = store.get_json(f"{prefix}/{MODEL_CARD}")
-        if card.get("lineage") == lineage and store.manifest(prefix).get(WEIGHTS_FILE) == weights_sha:
+        card = ModelCard.read(store.get_json(f"{prefix}/{MODEL_CARD_FILE}"))
+        if card.lineage == lineage and store.manifest(prefix).get(WEIGHTS_FILE) == weights_sha:
             return version, card
     return None
 
@@ -184,8 +198,9 @@ def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, A
             prefix = paths.adapter_prefix(job.metadata.namespace, job.adapter_name, version)
             card = model_card(job, version=version, created_at=now, report=report, checkpoint=checkpoint,
                               state=state, dataset_manifest=dataset_manifest,
-                              base_digest=base_model_digest(job.spec.base_model.uri))
-            (staged / MODEL_CARD).write_text(json.dumps(card, indent=2))
+                              base_digest=base_model_digest(job.spec.base_model.uri),
+                              base_identity=base_model_identity(job.spec.base_model.uri))
+            (staged / MODEL_CARD_FILE).write_text(json.dumps(card.to_json(), indent=2))
             store.publish_dir(staged, artifacts.key(prefix))
 
     record = {
@@ -200,8 +215,8 @@ def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, A
         "datasetSha256": dataset_manifest.get("datasetSha256"),
         "checkpoint": checkpoint,
         "trainedTokens": state.trained_tokens,
-        "deviceHours": card["training"]["deviceHours"],
-        "cost": card["cost"],
+        "deviceHours": card.training["deviceHours"],
+        "cost": card.cost,
     }
     store.put_json(record_key, record)
     return record

@@ -11,7 +11,9 @@ when the engine is idle it waits up to `max_wait` for more requests to arrive be
 prefill, so a burst is served as one batch. Rows are left-padded in one shared KV cache.
 
 The asyncio side only submits requests and receives `ChoiceDelta` lists through each request's
-`sink`; it never touches the model.
+`sink`; it never touches the model. Which adapter sits in which LoRA slot, and which one to evict
+for a new one, is `slots.AdapterSlots`; an evicted adapter a request needs is brought back by the
+`reloader` (the registry).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ import torch
 
 from tessera.serve import metrics
 from tessera.serve.errors import ServeError, model_not_found
-from tessera.serve.lora import AdapterWeights, LoraSlots
-from tessera.serve.sampling import SamplingParams, TokenLogprob, choice_generator, next_tokens
+from tessera.serve.runtime.lora import AdapterWeights, LoraSlots
+from tessera.serve.runtime.sampling import SamplingParams, TokenLogprob, choice_generator, next_tokens
+from tessera.serve.runtime.slots import AdapterSlots
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +202,7 @@ class Engine:
         # Engine-thread state.
         self._pending: list[_Sequence] = []
         self._batch: _Batch | None = None
-        self._resident: dict[str, int] = {}  # adapter name -> slot
-        self._slot_users = [0] * lora.slots
-        self._slot_owner: list[str | None] = [None] * lora.slots  # adapter whose weights are in the slot
-        self._retiring: set[int] = set()  # slots of replaced or removed adapters that rows still use
-        self._lru: OrderedDict[str, None] = OrderedDict()
+        self.slots = AdapterSlots(lora, on_evict=self._evicted)
         self._reloading: set[str] = set()
 
     # ---- public, thread-safe ----
@@ -252,7 +250,7 @@ class Engine:
         return self._command(lambda: self._fail_waiting(name, error))
 
     def resident(self) -> list[str]:
-        return list(self._resident)
+        return list(self.slots.resident)
 
     @property
     def alive(self) -> bool:
@@ -284,63 +282,23 @@ class Engine:
             with self._condition:
                 self._commands[:0] = retry
 
-    def _free_slot(self) -> int | None:
-        for slot in range(1, self.lora.slots):
-            if self._slot_owner[slot] is None and slot not in self._retiring:
-                return slot
-        waiting = {seq.request.adapter for seq in self._pending}
-        for victim in list(self._lru):
-            slot = self._resident[victim]
-            if self._slot_users[slot] == 0 and victim not in waiting:
-                self._evict(victim)
-                return slot
-        for victim in list(self._lru):  # every idle slot is wanted: evict the least recently used anyway
-            slot = self._resident[victim]
-            if self._slot_users[slot] == 0:
-                self._evict(victim)
-                return slot
-        return None
-
-    def _evict(self, name: str) -> None:
-        slot = self._resident.pop(name)
-        self._lru.pop(name, None)
-        self._slot_owner[slot] = None
-        self.lora.clear(slot)
-        metrics.ADAPTERS_RESIDENT.set(len(self._resident))
+    @staticmethod
+    def _evicted(name: str, slot: int) -> None:
         metrics.ADAPTER_EVICTIONS.inc()
         log.info("evicted adapter %s from slot %d", name, slot)
 
     def _install(self, name: str, weights: AdapterWeights) -> bool:
-        slot = self._free_slot()
-        if slot is None:
+        if not self.slots.install(name, weights, wanted={seq.request.adapter for seq in self._pending}):
             return False
-        self.lora.install(slot, weights)
-        old = self._resident.get(name)
-        if old is not None:
-            self._release_name(name)
-        self._resident[name] = slot
-        self._slot_owner[slot] = name
-        self._lru[name] = None
-        self._lru.move_to_end(name)
         self._reloading.discard(name)
-        metrics.ADAPTERS_RESIDENT.set(len(self._resident))
+        metrics.ADAPTERS_RESIDENT.set(len(self.slots))
         return True
 
-    def _release_name(self, name: str) -> None:
-        """Unmap `name`; its slot is cleared now if idle, else when its last row finishes."""
-        slot = self._resident.pop(name)
-        self._lru.pop(name, None)
-        self._slot_owner[slot] = None
-        if self._slot_users[slot] == 0:
-            self.lora.clear(slot)
-        else:
-            self._retiring.add(slot)
-
     def _remove(self, name: str) -> bool:
-        if name in self._resident:
-            self._release_name(name)
+        if name in self.slots:
+            self.slots.remove(name)
         self._reloading.discard(name)
-        metrics.ADAPTERS_RESIDENT.set(len(self._resident))
+        metrics.ADAPTERS_RESIDENT.set(len(self.slots))
         self._fail_waiting(name, model_not_found(name))
         return True
 
@@ -364,12 +322,7 @@ class Engine:
             if len(admitted) >= room:
                 waiting.append(seq)
                 continue
-            if name is None:
-                seq.slot = 0
-            elif name in self._resident:
-                seq.slot = self._resident[name]
-                self._lru.move_to_end(name)
-            else:
+            if name is not None and name not in self.slots:
                 if name not in self._reloading:
                     if self.reloader is None or not self.reloader.request_reload(name):
                         failed[id(seq.request)] = seq.request
@@ -377,7 +330,7 @@ class Engine:
                     self._reloading.add(name)
                 waiting.append(seq)
                 continue
-            self._slot_users[seq.slot] += 1
+            seq.slot = self.slots.acquire(name)
             admitted.append(seq)
         for request in failed.values():
             request.sink(model_not_found(request.adapter or ""))
@@ -391,7 +344,7 @@ class Engine:
     def _can_admit(self) -> bool:
         if self._batch is not None and len(self._batch) >= self.max_batch_size:
             return False
-        return any(seq.request.adapter is None or seq.request.adapter in self._resident for seq in self._pending)
+        return any(seq.request.adapter is None or seq.request.adapter in self.slots for seq in self._pending)
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; False when the engine is stopping."""
@@ -431,8 +384,7 @@ class Engine:
             return
         requests = {id(seq.request): seq.request for seq in self._batch.sequences}
         for seq in self._batch.sequences:
-            self._slot_users[seq.slot] -= 1
-            self._retire_slot_if_idle(seq.slot)
+            self.slots.release(seq.slot)
         self._batch = None
         for request in requests.values():
             request.sink(error)
@@ -574,8 +526,7 @@ class Engine:
                 keep.append(row)
             else:
                 seq.finish_reason = finish
-                self._slot_users[seq.slot] -= 1
-                self._retire_slot_if_idle(seq.slot)
+                self.slots.release(seq.slot)
             if request.cancelled:
                 continue
             deltas.setdefault(id(request), (request, []))[1].append(delta)
@@ -589,11 +540,6 @@ class Engine:
                 self._batch = None
             elif len(keep) < len(self._batch):
                 self._batch.keep(keep)
-
-    def _retire_slot_if_idle(self, slot: int) -> None:
-        if slot in self._retiring and self._slot_users[slot] == 0:
-            self._retiring.discard(slot)
-            self.lora.clear(slot)
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[TokenLogprob | None]:

@@ -1,0 +1,36 @@
+"""`tessera serve`'s settings: one definition of every option, its default and its bounds.
+
+Light on purpose (pydantic only): the CLI reads its defaults from here without importing the server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tessera.serve.runtime.base_model import DType, Quantization
+
+
+class ServeSettings(BaseModel):
+    model: str = Field(description="Base model: store URI (s3://...) or Hugging Face model directory.")
+    served_model_name: str | None = Field(
+        None, description="Name of the base in requests; default: its own (upstream) name. KServe routes, which "
+                          "cannot address a slash, know it by the last part of the name.")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    adapters_file: Path | None = None
+    max_loras: int = Field(8, ge=1, description="Adapters resident at once; more are evicted (LRU) and reloaded.")
+    max_lora_rank: int = Field(64, ge=1)
+    allowed_prefixes: list[str] = Field(default_factory=list, description="Where adapters may come from.")
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_model_len: int | None = Field(None, ge=16)
+    quantization: Quantization = "auto"
+    dtype: DType = "auto"
+    cache_dir: Path | None = None
+    cpu_threads: int | None = Field(None, ge=1, description="Torch threads on a CPU; default: all cores but one.")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request body; larger ones get 413.")
+    max_prompts: int = Field(64, ge=1, description="Most prompts (or KServe instances) in one request.")
+    max_request_tokens: int = Field(65536, ge=1, description="Most tokens one request may generate: "
+                                    "prompts x n x max_tokens.")
