@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 # The GGUF file stays beside it: tests import it again (GGUF import, `baseModel.format: gguf`).
 gguf=.tessera/models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 dest=.tessera/models/smollm2-135m-instruct
+if [ -f "$dest/tessera.json" ] && [ -f "$gguf" ]; then
+  echo "base model ready at $dest (HuggingFaceTB/SmolLM2-135M-Instruct)"
+  exit 0
+fi
 if [ ! -f "$gguf" ]; then
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
