@@ -141,3 +141,18 @@ def server(server_process, adapters) -> RunningServer:
             pytest.fail(f"server did not become ready:\n{server_process.log.read_text()[-3000:]}")
         time.sleep(0.2)
     return server_process
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The OpenAI SDK on the shared server, as an application would configure it."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)

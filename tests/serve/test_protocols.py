@@ -26,18 +26,6 @@ ALREADY = ("The lora adapter '{}' has already been loaded. If you want to load t
            "set 'load_inplace' to True.")
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="not-needed", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_base):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_base)
-
-
 def raw_post(server, path: str, content: bytes, content_type: str | None = "application/json") -> httpx.Response:
     headers = {"content-type": content_type} if content_type else {}
     return httpx.post(server.url + path, content=content, headers=headers, timeout=60)

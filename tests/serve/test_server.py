@@ -24,18 +24,6 @@ pytestmark = pytest.mark.slow
 PROMPT = "Nordea's net profit rose 12% in the third quarter."
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="not-needed", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_base):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_base)
-
-
 def load(server, name: str, path, **extra) -> tuple[int, dict]:
     return server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path), **extra})
 

@@ -84,8 +84,9 @@ def test_unreachable_store_fails_fast_and_names_no_credential(free_port: int) ->
     assert "s3://tessera/models/llama/config.json" in message
     attempts = int(message.split(" attempts")[0].rsplit(" ", 1)[-1])
     assert attempts >= 3  # retried with backoff, not given up at once
-    # It kept trying for its budget, and stopped: the bound is loose because CI's 2 cores are busy.
-    assert 0.5 < elapsed < 30
+    # It stopped: no attempt starts once its backoff (jittered to between half and all of its
+    # nominal delay) would pass the 1 s budget, so how soon it stops varies; that it stops does not.
+    assert elapsed < 30
     assert SECRET_KEY not in message and ACCESS_KEY not in message
 
     with pytest.raises(StoreUnavailableError) as write_failure:
