@@ -470,6 +470,8 @@ def test_runtime_kinds_and_model_formats() -> None:
     assert server["command"] == ["tessera", "serve"]
     # Tessera's server loads adapters only from the volume the agent fills, and holds no credential.
     assert args_of(server)["--allowed-prefix"] == ["/mnt/adapters"] and "envFrom" not in server
+    # Its load/unload answer the agent in the pod only (loopback), as vLLM's guard middleware does.
+    assert "--adapter-api-loopback-only" in server["args"]
     assert not any("gpu" in key for part in server["resources"].values() for key in part)
     assert "nodeSelector" not in tessera and "tolerations" not in tessera
 

@@ -1,8 +1,10 @@
 """An ASGI middleware that keeps a runtime's adapter API to callers inside its own pod.
 
-vLLM serves `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` on its inference port, with no
-authentication of their own, so a NetworkPolicy cannot admit callers to completions and refuse
-them the adapter API. The adapter agent calls that API over the pod's loopback: this middleware
+Both runtimes use it: vLLM loads it with --middleware, `tessera serve` with
+`--adapter-api-loopback-only`. vLLM serves `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`
+on its inference port, with no authentication of their own (and `tessera serve` KServe's repository
+load/unload too), so a NetworkPolicy cannot admit callers to completions and refuse them the
+adapter API. The adapter agent calls that API over the pod's loopback: this middleware
 answers 403 to anyone else. The chart ships this file to vLLM in a ConfigMap and loads it with
 `--middleware=tessera_adapter_guard.LoopbackOnlyAdapterApi`, so it imports nothing but the
 standard library. Behind a sidecar proxy that connects from loopback (Istio's sidecar mode) every
@@ -21,8 +23,9 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-# Matched on the path with slashes collapsed and any trailing one dropped, under any prefix (root_path).
-_ADAPTER_API = re.compile(r"/(load|unload)_lora_adapter$")
+# Matched on the path with slashes collapsed and any trailing one dropped, under any prefix (root_path):
+# vLLM's adapter API, and KServe's model repository API, which `tessera serve` also answers.
+_ADAPTER_API = re.compile(r"/(load|unload)_lora_adapter$|/v2/repository/models/[^/]+/(load|unload)$")
 _REFUSAL = json.dumps({"error": {
     "message": "the adapter API answers only the adapter agent of this pod; load adapters through the agent",
     "type": "PermissionDenied", "param": None, "code": 403}}).encode()

@@ -53,6 +53,8 @@ def serve_command(
     max_prompts: int = typer.Option(_default("max_prompts"), help="Most prompts (or KServe instances) in one request."),
     max_request_tokens: int = typer.Option(_default("max_request_tokens"),
         help="Most tokens one request may generate (prompts x n x max_tokens)."),
+    adapter_api_loopback_only: bool = typer.Option(_default("adapter_api_loopback_only"),
+        help="Answer load/unload only to callers on this pod's loopback (the adapter agent); 403 to others."),
 ) -> None:
     """Serve a base model and hot-loaded LoRA adapters (OpenAI, vLLM adapter API, KServe v1/v2)."""
     from pydantic import ValidationError
@@ -70,6 +72,7 @@ def serve_command(
             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_model_len=max_model_len,
             quantization=quantization, dtype=dtype, cache_dir=cache_dir, cpu_threads=cpu_threads,
             max_request_bytes=max_request_bytes, max_prompts=max_prompts, max_request_tokens=max_request_tokens,
+            adapter_api_loopback_only=adapter_api_loopback_only,
         )
     except ValidationError as error:
         raise InvalidSpecError([f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()],

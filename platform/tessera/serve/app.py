@@ -114,6 +114,11 @@ def build_server(settings: ServeSettings) -> Server:
     app = FastAPI(title="Tessera model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.add_middleware(limit_body_size, max_bytes=limits.max_request_bytes)
+    if settings.adapter_api_loopback_only:
+        from tessera.agent.guard import LoopbackOnlyAdapterApi
+
+        # Outermost: a refused caller's body is never read.
+        app.add_middleware(LoopbackOnlyAdapterApi)
     app.include_router(openai_router(service))
     app.include_router(admin_router(service))
     kserve_api.mount_kserve(app, service)

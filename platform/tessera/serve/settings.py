@@ -34,3 +34,6 @@ class ServeSettings(BaseModel):
     max_prompts: int = Field(64, ge=1, description="Most prompts (or KServe instances) in one request.")
     max_request_tokens: int = Field(65536, ge=1, description="Most tokens one request may generate: "
                                     "prompts x n x max_tokens.")
+    adapter_api_loopback_only: bool = Field(
+        False, description="Answer the adapter API (vLLM's load/unload, KServe's repository load/unload) only to "
+                           "callers on this pod's loopback, as the adapter agent beside the server is.")
