@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tessera.api import FineTuneJob
-from tessera.errors import ObjectNotFoundError, TesseraError
-from tessera.model import model_cache_dir
-from tessera.model.gguf import as_hf_directory
+from tessera.errors import TesseraError
+from tessera.model.load import BaseModelError, fetch_model, load_causal_lm, quantization_config, supports_bf16
 from tessera.train.distributed import DistEnv
 from tessera.train.plan import Hardware
 
 if TYPE_CHECKING:
     import torch
+
 
 def detect_hardware(env: DistEnv) -> Hardware:
     """The device this process trains on (CUDA device `LOCAL_RANK`, else the CPU) and whether it has bf16."""
@@ -25,15 +21,8 @@ def detect_hardware(env: DistEnv) -> Hardware:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        return Hardware("cuda", torch.cuda.is_bf16_supported(), env.world_size)
-    # bitsandbytes asks the CPU itself; without bitsandbytes, torch's own capability check.
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-
-        bf16 = bool(has_avx512bf16())
-    except ImportError:
-        bf16 = "AVX512" in torch.backends.cpu.get_cpu_capability()
-    return Hardware("cpu", bf16, env.world_size)
+        return Hardware("cuda", supports_bf16("cuda"), env.world_size)
+    return Hardware("cpu", supports_bf16("cpu"), env.world_size)
 
 
 def device_for(hardware: Hardware) -> torch.device:
@@ -44,62 +33,12 @@ def device_for(hardware: Hardware) -> torch.device:
 
 
 def fetch_base_model(job: FineTuneJob, *, download: bool = True) -> Path:
-    """The base model as a local directory: a local path in place, a store URI through a cache.
-
-    The cache is keyed by URI and filled atomically (a staging directory renamed into place), so
-    the steps of one run, and the ranks of one machine, download a base model once; with
-    `download=False` a rank only waits for the one that downloads (it must exist by then).
-    """
-    from tessera.store import open_store
-
-    uri = job.spec.base_model.uri
-    store, key = open_store(uri)
-    local = store.local_path(key)
-    if local is None:
-        local = model_cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:24]
-        if download and not local.exists():  # renamed into place whole, so present means complete
-            local.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".download-", dir=local.parent))
-            try:
-                store.get_dir(key, staging)
-                os.replace(staging, local)
-            except ObjectNotFoundError:
-                raise TesseraError(f"spec.baseModel.uri: {uri} does not exist") from None
-            except OSError:
-                if not local.exists():  # not another process winning the race
-                    raise
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    if not local.exists():
-        raise TesseraError(f"spec.baseModel.uri: {uri} does not exist")
-    local = as_hf_directory(local, model_cache_dir() / "converted", name=job.spec.base_model.name)
-    if not (local / "config.json").is_file():
-        raise TesseraError(f"spec.baseModel.uri: {uri} is not a Hugging Face model directory (no config.json)")
-    return local
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """`"bfloat16"` -> `torch.bfloat16` (the spec's dtype names are torch's)."""
-    import torch
-
-    return getattr(torch, name)
-
-
-def quantization_config(job: FineTuneJob, precision: str) -> Any:
-    """The `BitsAndBytesConfig` the spec asks for, or None for an unquantized base."""
-    from transformers import BitsAndBytesConfig
-
-    quantization = job.spec.base_model.quantization
-    if quantization.bits == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quantization.quant_type,
-            bnb_4bit_use_double_quant=quantization.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(precision),
-        )
-    if quantization.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
+    """The job's base model as a local directory, through the machine's model cache (see `fetch_model`)."""
+    base = job.spec.base_model
+    try:
+        return fetch_model(base.uri, name=base.name, download=download)
+    except BaseModelError as error:
+        raise TesseraError(f"spec.baseModel.uri: {error}") from None
 
 
 def disable_cpu_weight_repacking(model: Any) -> int:
@@ -126,16 +65,10 @@ def load_base_model(
     model_dir: str | Path, job: FineTuneJob, precision: str, device: str | torch.device = "cpu"
 ) -> Any:
     """The base causal LM with SDPA attention, quantized as the spec says, on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    quantization = quantization_config(job, precision)
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": torch_dtype(precision)}
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    if quantization is None:
-        model.to(device)
+    quantization = job.spec.base_model.quantization
+    config = quantization_config(quantization.bits, precision, quant_type=quantization.quant_type,
+                                 double_quant=quantization.double_quant)
+    model = load_causal_lm(model_dir, dtype=precision, quantization=config, device=device)
     disable_cpu_weight_repacking(model)
     model.config.use_cache = False
     return model

@@ -66,10 +66,11 @@ def configure_threads(env: DistEnv) -> None:
     """
     import torch
 
+    from tessera.model.load import available_cores
+
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(1, env.local_world_size)))
+    torch.set_num_threads(max(1, available_cores() // max(1, env.local_world_size)))
 
 
 class _Batches:

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tessera.errors import TesseraError
+from tessera.model.load import (
+    available_cores,
+    fetch_model,
+    load_causal_lm,
+    quantization_config,
+    supports_bf16,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
 Quantization = Literal["auto", "4bit", "8bit", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
-
-
-class BaseModelError(TesseraError):
-    """The base model cannot be loaded as asked."""
 
 
 @dataclass
@@ -37,7 +39,8 @@ def choose_precision(cuda: bool, quantization: Quantization, dtype: DType, bf16_
     """(quantization, compute dtype) for the hardware: 4-bit NF4 and bf16 on a GPU, fp32 on a CPU.
 
     bitsandbytes' CPU kernels work but are slower than fp32 matmuls on a small model, so a CPU
-    only quantizes when asked to.
+    only quantizes when asked to. Serving's own rule, not training's (`tessera.train.plan`): a
+    FineTuneJob's spec fixes its quantization, and its engine decides the dtype.
     """
     chosen_quantization = quantization if quantization != "auto" else ("4bit" if cuda else "none")
     if dtype != "auto":
@@ -52,15 +55,9 @@ def cpu_threads(requested: int | None) -> int:
 
     The spare core runs the event loop, tokenization and JSON. Measured on 2 cores: with both
     cores given to torch, every OpenMP barrier stalls whenever another process runs, and a
-    batch-1 step went from ~1 ms to ~40 ms.
+    batch-1 step went from ~1 ms to ~40 ms. (Training splits all cores among its ranks instead.)
     """
-    if requested:
-        return requested
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    return max(1, available - 1)
+    return requested or max(1, available_cores() - 1)
 
 
 def load_base(
@@ -73,39 +70,22 @@ def load_base(
     threads: int | None = None,
 ) -> LoadedBase:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
     from tessera.model import base_model_name
-    from tessera.model.gguf import as_hf_directory
-    from tessera.store import fetch
     from tessera.store.progress import TqdmProgress
 
     with TqdmProgress("fetch base model") as progress:
-        directory = fetch(uri, cache_dir / "base-model", progress=progress)
-    directory = as_hf_directory(Path(directory), cache_dir / "converted")
-    if not (directory / "config.json").is_file():
-        raise BaseModelError(f"{uri} is not a Hugging Face model directory (no config.json)")
+        directory = fetch_model(uri, cache_dir=cache_dir, progress=progress)
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    chosen_quantization, dtype_name = choose_precision(cuda, quantization, dtype, bf16)
-    torch_dtype = getattr(torch, dtype_name)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if chosen_quantization == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype,
-        )
-    elif chosen_quantization == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    chosen_quantization, dtype_name = choose_precision(cuda, quantization, dtype, cuda and supports_bf16("cuda"))
     device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        kwargs["device_map"] = {"": 0}
-    else:
+    if not cuda:
         torch.set_num_threads(cpu_threads(threads))
     log.info("loading base model %s (%s, %s) on %s", uri, chosen_quantization, dtype_name, device)
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    bits = {"4bit": 4, "8bit": 8}.get(chosen_quantization)
+    model = load_causal_lm(directory, dtype=dtype_name, quantization=quantization_config(bits, dtype_name),
+                           device=device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token_id is None:
@@ -121,7 +101,7 @@ def load_base(
         name=base_model_name(directory),
         directory=directory,
         device=device,
-        dtype=torch_dtype,
+        dtype=torch_dtype(dtype_name),
         quantization=None if chosen_quantization == "none" else chosen_quantization,
         eos_token_ids=eos_ids,
         max_model_len=min(context, max_model_len) if max_model_len else context,
