@@ -34,7 +34,12 @@ class Replica:
 
 
 class AdapterApiError(Exception):
-    """A replica refused or failed an adapter API call; the message is the server's own."""
+    """A replica refused or failed an adapter API call; the message is the server's own, `status` its
+    HTTP status (None when no answer came)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def replica_url(pod: dict[str, Any], default_port: int) -> str:
@@ -90,7 +95,7 @@ class AdapterApi:
         except httpx.HTTPError as error:
             raise AdapterApiError(f"{type(error).__name__}: {error}") from None
         if response.status_code >= 400:
-            raise AdapterApiError(_message(response))
+            raise AdapterApiError(_message(response), response.status_code)
         return response
 
     def cards(self, replica: Replica) -> dict[str, dict[str, Any]]:
@@ -110,7 +115,7 @@ class AdapterApi:
         try:
             self._call("POST", f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30.0)
         except AdapterApiError as error:
-            if "HTTP 404" not in str(error):  # not loaded there: nothing to undo
+            if error.status != 404:  # 404: not loaded there, nothing to undo
                 raise
 
 

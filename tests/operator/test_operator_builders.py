@@ -32,6 +32,7 @@ from tessera_operator.builders import (
 )
 from tessera_operator.config import OperatorConfig
 from tessera_operator.serving import (
+    AdapterApi,
     AdapterApiError,
     Backoff,
     Replica,
@@ -524,3 +525,20 @@ def test_failed_loads_are_retried_with_backoff_and_a_restarted_replica_is_loaded
     assert sync_replica(api, replica, adapter, backoff, now=104.0)["state"] == "Loaded" and api.loads == 3
     api.loaded.clear()  # the replica restarted and came back empty
     assert sync_replica(api, replica, adapter, backoff, now=105.0)["state"] == "Loaded" and api.loads == 4
+
+
+def test_unloading_an_adapter_a_replica_does_not_hold_is_done_and_other_refusals_are_not():
+    """The operator's adapter API client reads the replica's HTTP status, not its wording: 404 on
+    unload means nothing to undo; any other refusal is reported. An in-process HTTP transport stands
+    in for the replica (either runtime answers these statuses)."""
+    import httpx
+
+    def replica(status: int) -> AdapterApi:
+        body = {"error": {"message": "The lora adapter 'x' cannot be found.", "code": status}}
+        return AdapterApi(httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(status, json=body))))
+
+    where = Replica("pod-0", "uid-0", "http://replica:8085")
+    replica(404).unload(where, "x")
+    with pytest.raises(AdapterApiError) as refused:
+        replica(503).unload(where, "x")
+    assert refused.value.status == 503 and "HTTP 503" in str(refused.value)
