@@ -33,14 +33,14 @@ def _read(store: Store, key: str) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
-class JobArtifacts:
+class ArtifactSnapshot:
     progress: dict[str, Any] | None
     report: dict[str, Any] | None
     published: dict[str, Any] | None
 
 
 def read_job_artifacts(job: FineTuneJob, credentials: dict[str, str] | None,
-                       need_report: bool, need_published: bool) -> JobArtifacts:
+                       need_report: bool, need_published: bool) -> ArtifactSnapshot:
     """The job's progress file, and its report and publish record once the steps that write them ran.
 
     Raises StoreError (StoreUnavailableError when transient); messages never carry a credential.
@@ -50,11 +50,11 @@ def read_job_artifacts(job: FineTuneJob, credentials: dict[str, str] | None,
     def read(key: str) -> dict[str, Any] | None:
         return _read(store, join_key(root, key))
 
-    return JobArtifacts(
+    return ArtifactSnapshot(
         progress=read(progress_key(job)),
         report=read(eval_report_key(job)) if need_report else None,
         published=read(published_key(job)) if need_published else None,
     )
 
 
-__all__ = ["JobArtifacts", "StoreError", "open_job_store", "read_job_artifacts"]
+__all__ = ["ArtifactSnapshot", "StoreError", "open_job_store", "read_job_artifacts"]
