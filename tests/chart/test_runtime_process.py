@@ -55,7 +55,8 @@ def local_command(container: dict[str, Any], paths: dict[str, Path], ports: dict
     for arg in container["args"]:
         for mount, local in paths.items():
             arg = arg.replace(mount, str(local))
-        arg = arg.replace("--host=0.0.0.0", "--host=127.0.0.1")
+        if arg.startswith("--host="):  # a pod binds every address; here, loopback only
+            arg = "--host=127.0.0.1"
         for port, local_port in ports.items():
             arg = re.sub(rf"([=:]){port}$", rf"\g<1>{local_port}", arg)
         args.append(arg)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,3 +138,25 @@ class RunningServer:
         except ValueError:
             return status, raw.decode()
 
+
+@contextmanager
+def serving(model: Path | str, workdir: Path, *options: str) -> Iterator[str]:
+    """A ready `tessera serve` process on 127.0.0.1 (free port, log in `workdir`); yields its URL."""
+    from tessera.serve.readiness import wait_until_ready
+
+    from tests.processes import stop
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with (workdir / "server.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tessera", "serve", "--model", str(model), "--port", str(port), *options],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process, timeout=180)
+        yield url
+    finally:
+        stop(process)

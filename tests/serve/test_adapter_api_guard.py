@@ -1,21 +1,17 @@
 """`tessera serve --adapter-api-loopback-only` (the chart's Tessera runtime): the adapter API (vLLM's
 load/unload, KServe's repository load/unload) answers only callers on the pod's loopback, where the
 adapter agent runs; any other caller gets 403 and the adapters stay as they were, while inference
-stays open to every caller. The server binds 0.0.0.0 and is reached through this machine's
-non-loopback address, standing in for a peer pod."""
+stays open to every caller. The server listens on 127.0.0.1; a client whose connections leave from
+this machine's non-loopback address stands in for a peer pod."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 
 import httpx
 import pytest
 
-from tests.processes import stop
-from tests.serve.helpers import make_adapter
+from tests.serve.helpers import make_adapter, serving
 
 
 def _outside_address() -> str | None:
@@ -31,28 +27,16 @@ def _outside_address() -> str | None:
 
 @pytest.fixture(scope="module")
 def guarded(tiny_base, tmp_path_factory):
-    from tessera.serve.readiness import wait_until_ready
-
     outside = _outside_address()
     if outside is None:
         pytest.skip("this machine has no non-loopback IPv4 address to call from")
     root = tmp_path_factory.mktemp("guarded")
     adapter = make_adapter(tiny_base, root / "a", seed=3)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log_path = root / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tessera", "serve", "--model", str(tiny_base), "--host", "0.0.0.0",
-             "--port", str(port), "--allowed-prefix", str(root), "--adapter-api-loopback-only"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-    try:
-        wait_until_ready(f"http://127.0.0.1:{port}", process, timeout=120)
-        yield f"http://127.0.0.1:{port}", f"http://{outside}:{port}", adapter
-    finally:
-        stop(process)
+    with serving(tiny_base, root, "--allowed-prefix", str(root), "--adapter-api-loopback-only") as url:
+        # The peer: the same server, but the connection's source address is not loopback.
+        peer = httpx.Client(transport=httpx.HTTPTransport(local_address=outside), timeout=60)
+        yield url, peer, adapter
+        peer.close()
 
 
 def _served(url: str) -> set[str]:
@@ -60,9 +44,9 @@ def _served(url: str) -> set[str]:
 
 
 def test_only_loopback_callers_load_and_unload(guarded):
-    local, outside, adapter = guarded
+    local, peer, adapter = guarded
     body = {"lora_name": "guarded", "lora_path": str(adapter)}
-    refused = httpx.post(f"{outside}/v1/load_lora_adapter", json=body, timeout=60)
+    refused = peer.post(f"{local}/v1/load_lora_adapter", json=body)
     assert refused.status_code == 403 and "adapter agent" in refused.text
     assert "guarded" not in _served(local)
 
@@ -70,12 +54,12 @@ def test_only_loopback_callers_load_and_unload(guarded):
     for path, payload in (("/v1/unload_lora_adapter", {"lora_name": "guarded"}),
                           ("//v1//unload_lora_adapter/", {"lora_name": "guarded"}),
                           ("/v2/repository/models/guarded/unload", {})):
-        assert httpx.post(f"{outside}{path}", json=payload, timeout=60).status_code == 403, path
+        assert peer.post(f"{local}{path}", json=payload).status_code == 403, path
     assert "guarded" in _served(local)
 
     # Inference is for everyone, the adapter included.
     completion = {"model": "guarded", "prompt": "Profit rose", "max_tokens": 2}
-    answer = httpx.post(f"{outside}/v1/completions", json=completion, timeout=60)
+    answer = peer.post(f"{local}/v1/completions", json=completion)
     assert answer.status_code == 200 and answer.json()["choices"][0]["text"] is not None
     assert httpx.post(f"{local}/v2/repository/models/guarded/unload", timeout=60).status_code == 200
     assert "guarded" not in _served(local)

@@ -5,50 +5,29 @@ through the OpenAI SDK, and classifying through KServe v1 with the adapter's tas
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-from tests.processes import stop
 from tests.real_model import SMOLLM2_DIR, SMOLLM2_NAME, needs_smollm2
-from tests.serve.helpers import make_adapter
+from tests.serve.helpers import make_adapter, serving
 
 pytestmark = needs_smollm2
 
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):
-    from tessera.serve.readiness import wait_until_ready
+    import httpx
 
     root = tmp_path_factory.mktemp("real-adapters")
     # LoRA B left at zero: the adapter answers as the base does, so the test checks the serving path
     # (prompt format, tokenizer, parsing) on a real model rather than what a training run learnt.
     adapter = make_adapter(SMOLLM2_DIR, root / "zero", seed=0, base_name=SMOLLM2_NAME, scale=0.0)
     (adapter / "model-card.json").write_text(json.dumps({"task": "sentiment", "baseModel": {"name": SMOLLM2_NAME}}))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log_path = root / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tessera", "serve", "--model", str(SMOLLM2_DIR), "--port", str(port),
-             "--allowed-prefix", str(root), "--cache-dir", str(root / "cache")],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, process, timeout=180)
-        import httpx
-
+    with serving(SMOLLM2_DIR, root, "--allowed-prefix", str(root), "--cache-dir", str(root / "cache")) as url:
         body = {"lora_name": "fin-sentiment", "lora_path": str(adapter)}
         loaded = httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=120)
         assert loaded.status_code == 200, loaded.text
         yield url
-    finally:
-        stop(process)
 
 
 def test_the_base_is_served_under_its_upstream_name(real_server):
