@@ -122,7 +122,7 @@ def prepare(
     store = store or opened
     prefix = join_key(root, prepared_prefix(job))
     if check_lengths and tokenizer is None:
-        tokenizer = load_tokenizer(job.spec.base_model.uri)
+        tokenizer = load_tokenizer(job.spec.base_model.uri, job.spec.base_model.name)
     # A manifest vouches for the files beside it: take down the previous one before changing them.
     store.delete(join_key(prefix, MANIFEST_FILE), missing_ok=True)
 

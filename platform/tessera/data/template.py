@@ -189,7 +189,7 @@ def _from_pretrained(directory: str | Path, model_uri: str) -> Any:
         ) from None
 
 
-def load_tokenizer(model_uri: str) -> Any:
+def load_tokenizer(model_uri: str, model_name: str | None = None) -> Any:
     """The base model's tokenizer from a directory or an s3:// model prefix (tokenizer files only)."""
     from tessera.store import open_store
     from tessera.store.keys import join_key
@@ -200,11 +200,10 @@ def load_tokenizer(model_uri: str) -> Any:
         if not local.is_dir():
             problem = "is not a directory" if local.exists() else "does not exist"
             raise TokenizerError(f"the base model {model_uri} (spec.baseModel.uri) {problem}")
-        from tessera.model import model_cache_dir
-        from tessera.model.gguf import as_hf_directory
+        from tessera.model.load import fetch_model
 
         # A GGUF base (`baseModel.format: gguf`) is converted here first, into the cache training reuses.
-        return _from_pretrained(as_hf_directory(local, model_cache_dir() / "converted"), model_uri)
+        return _from_pretrained(fetch_model(model_uri, name=model_name), model_uri)
     with scratch_dir("tokenizer") as workdir:
         fetched = [name for name in TOKENIZER_FILES if store.exists(join_key(prefix, name))]
         if not fetched:
