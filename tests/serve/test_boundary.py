@@ -9,7 +9,7 @@ from kserve.errors import InvalidInput, ModelNotFound
 from tessera.serve.errors import ServeError
 from tessera.serve.http.errors import as_serve_error, is_kserve_route, kserve_body, openai_body
 from tessera.serve.runtime.engine import prompt_logprobs
-from tessera.serve.runtime.service import RequestLimits, check_budget, valid_unicode
+from tessera.serve.runtime.service import RequestCost, RequestLimits, check_budget, valid_unicode
 
 
 def test_kserve_routes_are_told_from_openai_routes():
@@ -35,14 +35,24 @@ def test_every_exception_maps_to_one_error_and_internals_stay_inside():
 
 
 def test_request_budget_and_text_checks():
-    limits = RequestLimits(max_prompts=4, max_request_tokens=100)
-    check_budget(limits, 4, 5, 5)
+    limits = RequestLimits(max_prompts=4, max_request_tokens=100, max_prompt_tokens=1000, max_response_bytes=64_000)
+    check_budget(limits, RequestCost(prompts=4, prompt_tokens=1000, n=5, max_tokens=5))
     with pytest.raises(ServeError) as caught:
-        check_budget(limits, 5, 1, 1)
+        check_budget(limits, RequestCost(prompts=5, prompt_tokens=5, n=1, max_tokens=1))
     assert caught.value.code == "too_many_prompts"
     with pytest.raises(ServeError) as caught:
-        check_budget(limits, 2, 5, 11)
+        check_budget(limits, RequestCost(prompts=2, prompt_tokens=2, n=5, max_tokens=11))
     assert caught.value.code == "request_too_large" and caught.value.param == "max_tokens"
+    assert "--max-request-tokens" in caught.value.message
+    with pytest.raises(ServeError) as caught:  # all prompts together, not each
+        check_budget(limits, RequestCost(prompts=4, prompt_tokens=1001, n=1, max_tokens=1))
+    assert caught.value.param == "prompt" and "--max-prompt-tokens" in caught.value.message
+    # Scoring alone (max_tokens 0, echo with logprobs) is counted: every echoed token and its alternatives.
+    scoring = RequestCost(prompts=1, prompt_tokens=400, n=1, max_tokens=0, echoed_tokens=400, logprobs=5)
+    assert scoring.generated_tokens == 0 and scoring.response_bytes > limits.max_response_bytes
+    with pytest.raises(ServeError) as caught:
+        check_budget(limits, scoring)
+    assert caught.value.param == "logprobs" and "--max-response-bytes" in caught.value.message
     assert valid_unicode("d\u00e9j\u00e0 vu \U0001f4c8", "prompt")
     with pytest.raises(ServeError) as caught:
         valid_unicode("ab\udc80", "prompt")

@@ -183,6 +183,15 @@ def test_visible_text_holds_back_possible_stop_strings():
     assert visible_text("positive EN", ("END",), final=True) == ("positive EN", False)
     assert visible_text("caf\ufffd", (), final=False) == ("caf", False)
     assert visible_text("a STOP b END", ("END", "STOP"), final=False) == ("a ", True)
+    assert visible_text("xxabab", ("ababc",), final=False) == ("xx", False)  # the longest beginning is held
+    assert visible_text("shown END", ("END",), final=False, shown=5) == ("shown ", True)
+
+
+def test_the_stop_search_does_not_grow_with_the_text():
+    """A step searches only what was not shown yet: a stop string inside text already shown (which
+    the engine never lets happen) is not found again, which shows nothing before it was read."""
+    text = "END" + "a" * 100_000
+    assert visible_text(text, ("END",), final=False, shown=len(text)) == (text, False)
 
 
 def test_top_p_keeps_the_nucleus_only():

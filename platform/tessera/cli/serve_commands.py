@@ -53,6 +53,16 @@ def serve_command(
     max_prompts: int = typer.Option(_default("max_prompts"), help="Most prompts (or KServe instances) in one request."),
     max_request_tokens: int = typer.Option(_default("max_request_tokens"),
         help="Most tokens one request may generate (prompts x n x max_tokens)."),
+    max_prompt_tokens: int = typer.Option(_default("max_prompt_tokens"),
+        help="Most prompt tokens in one request, over all its prompts, messages or instances."),
+    max_response_bytes: int = typer.Option(_default("max_response_bytes"),
+        help="Largest answer one request may ask for (estimated before it runs)."),
+    read_timeout: float = typer.Option(_default("read_timeout"),
+        help="Seconds a client has to send a whole request; then 408 and the connection is closed."),
+    keep_alive_timeout: float = typer.Option(_default("keep_alive_timeout"),
+        help="Seconds an idle keep-alive connection stays open."),
+    max_connections: int = typer.Option(_default("max_connections"),
+        help="Open client connections at most; more are answered 503 and closed."),
     adapter_api_loopback_only: bool = typer.Option(_default("adapter_api_loopback_only"),
         help="Answer load/unload only to callers on this pod's loopback (the adapter agent); 403 to others."),
 ) -> None:
@@ -72,7 +82,9 @@ def serve_command(
             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_model_len=max_model_len,
             quantization=quantization, dtype=dtype, cache_dir=cache_dir, cpu_threads=cpu_threads,
             max_request_bytes=max_request_bytes, max_prompts=max_prompts, max_request_tokens=max_request_tokens,
-            adapter_api_loopback_only=adapter_api_loopback_only,
+            adapter_api_loopback_only=adapter_api_loopback_only, max_prompt_tokens=max_prompt_tokens,
+            max_response_bytes=max_response_bytes, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
+            max_connections=max_connections,
         )
     except ValidationError as error:
         raise InvalidSpecError([f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()],

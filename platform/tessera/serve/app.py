@@ -38,6 +38,7 @@ def build_server(settings: ServeSettings) -> Server:
     from tessera.serve.http.admin import admin_router
     from tessera.serve.http.errors import install_error_handlers, limit_body_size
     from tessera.serve.http.openai_api import openai_router
+    from tessera.serve.http.request_path import RequestPath
     from tessera.serve.runtime.adapters import AdapterError, ServedBase
     from tessera.serve.runtime.base_model import load_base
     from tessera.serve.runtime.engine import Engine
@@ -79,7 +80,8 @@ def build_server(settings: ServeSettings) -> Server:
         cache_dir=cache_dir,
     )
     limits = RequestLimits(max_request_bytes=settings.max_request_bytes, max_prompts=settings.max_prompts,
-                           max_request_tokens=settings.max_request_tokens)
+                           max_prompt_tokens=settings.max_prompt_tokens, max_request_tokens=settings.max_request_tokens,
+                           max_response_bytes=settings.max_response_bytes)
     service = ModelService(base, engine, registry, served_name, limits)
 
     async def load_startup_adapters() -> None:
@@ -113,11 +115,13 @@ def build_server(settings: ServeSettings) -> Server:
 
     app = FastAPI(title="Tessera model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    # Middlewares, innermost first: the body limit, then the one request path (id, timing, counter)
+    # that every request passes, then the caller checks, outermost so a refused caller's body is never read.
     app.add_middleware(limit_body_size, max_bytes=limits.max_request_bytes)
+    app.add_middleware(RequestPath, label_of=service.metric_label)
     if settings.adapter_api_loopback_only:
         from tessera.agent.guard import LoopbackOnlyAdapterApi
 
-        # Outermost: a refused caller's body is never read.
         app.add_middleware(LoopbackOnlyAdapterApi)
     app.include_router(openai_router(service))
     app.include_router(admin_router(service))
@@ -137,6 +141,11 @@ def build_server(settings: ServeSettings) -> Server:
 def serve(settings: ServeSettings) -> None:
     import uvicorn
 
+    from tessera.serve.http.connections import bounded_protocol, connection_cap
+
     server = build_server(settings)
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    uvicorn.run(server.app, host=settings.host, port=settings.port, log_level="warning", timeout_keep_alive=65)
+    # uvicorn's own keep-alive timeout; a whole-request read deadline and a connection cap on its protocol.
+    uvicorn.run(server.app, host=settings.host, port=settings.port, log_level="warning",
+                timeout_keep_alive=settings.keep_alive_timeout,
+                http=bounded_protocol(settings.read_timeout, connection_cap(settings.max_connections)))

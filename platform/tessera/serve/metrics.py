@@ -1,8 +1,8 @@
 """Prometheus metrics of the server, per adapter (the base model is labelled `base`).
 
 They live in the default registry, beside KServe's own request histograms, and are served at
-`/metrics`. Adapter names are bounded by the server's adapter capacity and registry, so the
-`adapter` label cannot grow without limit.
+`/metrics`. An adapter's series are removed when it is unloaded (`forget_adapter`), so the
+`adapter` label holds only names the registry serves (and `base`, `unknown`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ QUEUE_TIME = Histogram(
     "tessera_queue_time_seconds", "Time a request waited before joining the batch.", ["adapter"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+HTTP_SECONDS = Histogram(
+    "tessera_http_request_seconds", "Time from a request's arrival to the end of its answer, by endpoint.",
+    ["endpoint"], buckets=_LATENCY_BUCKETS,
+)
 RUNNING = Gauge("tessera_sequences_running", "Sequences in the running batch.")
 WAITING = Gauge("tessera_sequences_waiting", "Sequences waiting to join the batch (or for their adapter).")
 BATCH_ROWS = Histogram(
@@ -44,3 +48,12 @@ ADAPTER_LOAD_SECONDS = Histogram(
 )
 ADAPTER_LOAD_FAILURES = Counter("tessera_adapter_load_failures", "Adapter loads refused or failed.", ["code"])
 ADAPTER_EVICTIONS = Counter("tessera_adapter_evictions", "Adapters evicted to make room (LRU).")
+
+
+PER_ADAPTER = (REQUESTS, PROMPT_TOKENS, GENERATED_TOKENS, REQUEST_LATENCY, FIRST_TOKEN_LATENCY, QUEUE_TIME)
+
+
+def forget_adapter(name: str) -> None:
+    """Remove every series of an adapter that is no longer served."""
+    for metric in PER_ADAPTER:
+        metric.remove_by_labels({"adapter": name})

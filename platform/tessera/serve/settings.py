@@ -34,6 +34,16 @@ class ServeSettings(BaseModel):
     max_prompts: int = Field(64, ge=1, description="Most prompts (or KServe instances) in one request.")
     max_request_tokens: int = Field(65536, ge=1, description="Most tokens one request may generate: "
                                     "prompts x n x max_tokens.")
+    max_prompt_tokens: int = Field(131072, ge=1, description="Most prompt tokens in one request, over all its "
+                                   "prompts, chat messages or KServe instances.")
+    max_response_bytes: int = Field(16 << 20, ge=1024, description="Largest answer one request may ask for "
+                                    "(estimated before it runs: text, echoed prompts, logprobs).")
+    read_timeout: float = Field(30.0, gt=0, description="Seconds a client has to send a whole request (headers and "
+                                "body) once it connected or began it; then 408 and the connection is closed.")
+    keep_alive_timeout: float = Field(65.0, gt=0, description="Seconds an idle keep-alive connection stays open "
+                                      "(above a load balancer's usual 60 s idle timeout).")
+    max_connections: int = Field(1000, ge=1, description="Open client connections at most; a connection beyond "
+                                 "them is answered 503 and closed (kept below the process's file limit).")
     adapter_api_loopback_only: bool = Field(
         False, description="Answer the adapter API (vLLM's load/unload, KServe's repository load/unload) only to "
                            "callers on this pod's loopback, as the adapter agent beside the server is.")

@@ -6,28 +6,31 @@ of the server's one adapter registry, and the routes and request decoding are KS
 take KServe's `{"error": ...}` shape through the server's one error mapper. A predict request carries texts
 (or records of the task's fields); the answer is the task's label, parsed from a greedy
 generation with the prompt format the adapter was trained with (`tessera.data.template`).
+`ServedModel` uses KServe's own hooks: `preprocess` parses, tokenizes and checks the request's
+budget, `predict` generates, `postprocess` labels and shapes the answer. A request KServe's
+decoding cannot read (a malformed binary body, a bad header) is an `InvalidInput` (400), never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI
 from kserve import InferOutput, InferRequest, InferResponse, Model
-from kserve.errors import InvalidInput, ModelNotFound
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
 from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
-from tessera.serve import metrics
 from tessera.serve.errors import ServeError
 from tessera.serve.runtime.sampling import SamplingParams
-from tessera.serve.runtime.service import ModelService, Usage
+from tessera.serve.runtime.service import ModelService, RequestCost, Usage, check_budget
 
 if TYPE_CHECKING:
     from tessera.tasks import Task
@@ -36,10 +39,16 @@ CLASSIFY_MAX_TOKENS = 16
 
 
 def _records(payload: dict[str, Any] | InferRequest | bytes) -> list[dict[str, Any]]:
-    """Task records from a v1 body (`instances`: texts or records) or a v2 request (BYTES inputs).
+    """Task records from a v1 body (`instances`: texts or records) or a v2 request (BYTES inputs);
+    whatever cannot be read is an `InvalidInput`."""
+    try:
+        return _read_records(payload)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise InvalidInput(f"the request's inputs cannot be read: {error}") from None
 
-    A v1 body sent without a JSON content type (curl's `-d` default) arrives as bytes: it is JSON all the same.
-    """
+
+def _read_records(payload: dict[str, Any] | InferRequest | bytes) -> list[dict[str, Any]]:
+    """A v1 body sent without a JSON content type (curl's `-d` default) arrives as bytes: it is JSON all the same."""
     if isinstance(payload, bytes | bytearray):
         try:
             payload = orjson.loads(payload)
@@ -51,7 +60,7 @@ def _records(payload: dict[str, Any] | InferRequest | bytes) -> list[dict[str, A
             if tensor.datatype != "BYTES":
                 raise InvalidInput(f"input {tensor.name!r} must be BYTES (text), not {tensor.datatype}")
             values = tensor.data if isinstance(tensor.data, list) else list(tensor.data)
-            if math.prod(tensor.shape) != len(values):
+            if any(not isinstance(d, int) or d < 0 for d in tensor.shape) or math.prod(tensor.shape) != len(values):
                 raise InvalidInput(f"input {tensor.name!r} has shape {list(tensor.shape)} "
                                    f"({math.prod(tensor.shape)} elements) but {len(values)} data elements")
             try:
@@ -81,6 +90,17 @@ def _records(payload: dict[str, Any] | InferRequest | bytes) -> list[dict[str, A
     return records
 
 
+@dataclass
+class Classification:
+    """One KServe request between the hooks: what `preprocess` read, what `predict` generated."""
+
+    payload: dict[str, Any] | InferRequest
+    adapter: str | None
+    task: Task | None
+    prompts: list[list[int]]
+    texts: list[str] = field(default_factory=list)
+
+
 class ServedModel(Model):
     """One name of the server (the base model or an adapter) as a KServe model."""
 
@@ -88,11 +108,6 @@ class ServedModel(Model):
         super().__init__(name)
         self.service = service
         self.ready = True
-
-    def _check(self, record: dict[str, Any]) -> None:
-        for field, value in record.items():
-            if isinstance(value, str):
-                self.service.check_text(value, field)
 
     def _prompt_ids(self, record: dict[str, Any], task: Task | None) -> list[int]:
         """Runs on the tokenizer thread."""
@@ -112,49 +127,68 @@ class ServedModel(Model):
             raise InvalidInput(f"{error.field or 'record'}: {error.reason}") from None
         return encode_prompt(example, tokenizer)
 
-    async def predict(self, payload: dict[str, Any] | InferRequest | bytes, headers: dict[str, str] | None = None):
-        adapter = None if self.name == self.service.kserve_name else self.name
+    def _task(self, adapter: str | None) -> Task | None:
         record = self.service.registry.get(adapter) if adapter else None
         if adapter and record is None:
             raise ModelNotFound(self.name)
-        if record is not None and not record.task:
+        if record is None:
+            return None
+        if not record.task:
             raise ServeError(
                 f"adapter {self.name!r} has no task (no model-card.json in its directory and none given when it "
                 'was loaded), so its answers cannot be parsed into labels: load it with a task, e.g. '
                 '{"task": "sentiment"}, or ask it through the OpenAI routes', status=409, code="no_task")
-        task = None
-        if record is not None:
-            from tessera.tasks import get_task
+        from tessera.tasks import get_task
 
-            task = get_task(record.task)
-        label = adapter or metrics.BASE_LABEL
+        return get_task(record.task)
+
+    async def preprocess(self, payload: dict[str, Any] | InferRequest | bytes,
+                         headers: dict[str, str] | None = None) -> Classification:
+        """Parse the records and tokenize their prompts, within the request's budget."""
+        adapter = None if self.name == self.service.kserve_name else self.name
+        task = self._task(adapter)
         records = _records(payload)
         most = self.service.limits.max_prompts
         if len(records) > most:
-            raise InvalidInput(f"at most {most} instances in one request (got {len(records)})")
+            raise InvalidInput(f"at most {most} instances in one request (got {len(records)}; "
+                               "tessera serve --max-prompts)")
         for item in records:
-            self._check(item)
-        prompts = await self.service.tokenize(lambda: [self._prompt_ids(item, task) for item in records])
+            for name, value in item.items():
+                if isinstance(value, str):
+                    self.service.check_text(value, name)
+        self.service.check_prompt_texts([v for item in records for v in item.values() if isinstance(v, str)],
+                                        "instances")
+        prompts = await self.service.encode_each(
+            [lambda item=item: self._prompt_ids(item, task) for item in records], "instances")
+        check_budget(self.service.limits, RequestCost(
+            prompts=len(prompts), prompt_tokens=sum(map(len, prompts)), n=1, max_tokens=CLASSIFY_MAX_TOKENS))
+        return Classification(payload if not isinstance(payload, bytes | bytearray) else {}, adapter, task, prompts)
+
+    async def predict(self, request: Classification, headers: dict[str, str] | None = None) -> Classification:
+        """A greedy answer for every record, all at once: the engine batches them into the same steps."""
         params = SamplingParams(max_tokens=CLASSIFY_MAX_TOKENS, temperature=0.0)
         usage = Usage()
         try:
-            # All records at once: the engine batches them into the same forward passes.
-            choices = await asyncio.gather(*(self.service.complete(p, adapter, params, 1, usage) for p in prompts))
+            choices = await asyncio.gather(
+                *(self.service.complete(p, request.adapter, params, 1, usage) for p in request.prompts))
         except ServeError as error:
-            metrics.REQUESTS.labels(label, "predict", str(error.status)).inc()
             if error.status == 404:
                 raise ModelNotFound(self.name) from None
             raise
-        metrics.REQUESTS.labels(label, "predict", "200").inc()
-        texts = [choice.text for (choice,) in choices]
-        labels = [task.parse(text) if task else text.strip() for text in texts]
-        if isinstance(payload, InferRequest):
+        request.texts = [choice.text for (choice,) in choices]
+        return request
+
+    def postprocess(self, result: Classification, headers: dict[str, str] | None = None):
+        """The task's label of each answer, in the protocol the request came in."""
+        task = result.task
+        labels = [task.parse(text) if task else text.strip() for text in result.texts]
+        if isinstance(result.payload, InferRequest):
             outputs = [
                 InferOutput(name="label", shape=[len(labels)], datatype="BYTES", data=[lb or "" for lb in labels]),
-                InferOutput(name="text", shape=[len(texts)], datatype="BYTES", data=texts),
+                InferOutput(name="text", shape=[len(result.texts)], datatype="BYTES", data=result.texts),
             ]
-            return InferResponse(response_id=payload.id or "", model_name=self.name, infer_outputs=outputs)
-        return {"predictions": labels, "texts": texts}
+            return InferResponse(response_id=result.payload.id or "", model_name=self.name, infer_outputs=outputs)
+        return {"predictions": labels, "texts": result.texts}
 
 
 class RegistryView(ModelRepository):
@@ -208,12 +242,30 @@ class TesseraDataPlane(DataPlane):
     async def ready(self) -> bool:
         return self.service.ready
 
+    def decode(self, body, headers, *args, **kwargs):
+        """KServe's decoding, with every request it cannot read (a bad binary length prefix, truncated
+        data, a non-integer `inference-header-content-length`, no `inputs`...) refused as 400."""
+        try:
+            return super().decode(body, headers, *args, **kwargs)
+        except (InvalidInput, ModelNotFound, ModelNotReady):
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure to decode is the request's
+            raise InvalidInput(f"the request cannot be decoded: {type(error).__name__}: {error}") from None
+
+
+async def _no_versions(model_name: str, model_version: str) -> None:
+    raise InvalidInput(f"model versions are not supported: ask /v2/models/{model_name} without /versions/")
+
 
 def mount_kserve(app: FastAPI, service: ModelService) -> None:
     """Add KServe's v1/v2 routes over the registry; errors go through `tessera.serve.http.errors`."""
     view = RegistryView(service)
     dataplane = TesseraDataPlane(view, service)
     app.add_api_route("/", dataplane.live, methods=["GET"])
+    # Before KServe's own, which answer a version with NotImplementedError (a 500).
+    for suffix, method in (("", "GET"), ("/ready", "GET"), ("/infer", "POST")):
+        app.add_api_route(f"/v2/models/{{model_name}}/versions/{{model_version}}{suffix}", _no_versions,
+                          methods=[method])
     extension = RegistryExtension(view)
     register_v1_endpoints(app, dataplane, extension)
     register_v2_endpoints(app, dataplane, extension)

@@ -1,30 +1,33 @@
 """OpenAI-compatible completions, chat completions and models (vLLM's adapter API is in `admin`).
 
-Requests are validated by pydantic and refused as `ServeError`s, which `tessera.serve.http.errors`
-answers in OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`) with the status
-codes the `openai` SDK maps to its exceptions. Parameters the server does not implement are
-refused, never silently ignored.
+Every inference route is parse -> generate -> render: the request is validated by pydantic, its
+prompts tokenized within the request's budget and the whole cost checked (`service.check_budget`)
+before the engine sees it; the answer is built as pydantic response models and serialized off the
+event loop; streams of both routes are written by the one chunk builder (`ResponseHead.chunk`).
+Refusals are `ServeError`s, which `tessera.serve.http.errors` answers in OpenAI's error shape
+(`{"error": {"message", "type", "param", "code"}}`) with the status codes the `openai` SDK maps to
+its exceptions. Parameters the server does not implement are refused, never silently ignored.
+Request ids, timing and the request counter are `request_path`'s, in front of every route.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tessera.serve import metrics
 from tessera.serve.errors import ServeError
+from tessera.serve.http.request_path import name_model
 from tessera.serve.runtime.engine import ChoiceDelta
-from tessera.serve.runtime.sampling import SamplingParams, TokenLogprob
-from tessera.serve.runtime.service import ModelService, Usage, check_budget, unicode_problem
+from tessera.serve.runtime.sampling import MAX_STOP_CHARS, MAX_STOPS, SamplingParams, TokenLogprob
+from tessera.serve.runtime.service import ModelService, RequestCost, Usage, check_budget, unicode_problem
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,12 @@ class _SamplingRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four_stops(cls, value: Text | list[Text] | None) -> Text | list[Text] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
+    def _bounded_stops(cls, value: Text | list[Text] | None) -> Text | list[Text] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
         return value
 
     @model_validator(mode="after")
@@ -151,43 +157,167 @@ class ChatCompletionRequest(_SamplingRequest):
 # ---- responses ----
 
 
-def _token_text(service: ModelService, token_id: int) -> str:
-    return service.tokenizer.decode([token_id])
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsageInfo:
+        return cls(**usage.to_dict())
 
 
-def completion_logprobs(service: ModelService, entries: list[tuple[int, TokenLogprob | None]],
-                        offset: int) -> dict[str, Any]:
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str]  # {"role", "content"} first, then {"content"}, and {} with the finish reason
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class Chunk(BaseModel):
+    id: str
+    object: Literal["text_completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] | list[ChatChunkChoice]
+    usage: UsageInfo | None = None  # with include_usage: null on every chunk but the last, as OpenAI sends it
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """What every answer (or chunk) of one request repeats; `chunk` is the one chunk builder."""
+
+    id: str
+    created: int
+    model: str
+    include_usage: bool = False
+
+    def chunk(self, kind: Literal["text_completion", "chat.completion.chunk"],
+              choices: list[CompletionChoice] | list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        payload = Chunk(id=self.id, object=kind, created=self.created, model=self.model, choices=choices,
+                        usage=UsageInfo.of(usage) if usage is not None else None)
+        return f"data: {payload.model_dump_json(exclude=None if self.include_usage else {'usage'})}\n\n"
+
+
+def completion_logprobs(token_texts: list[str], entries: list[tuple[int, TokenLogprob | None]],
+                        offset: int) -> CompletionLogprobs:
     """OpenAI's completion logprobs of (token id, its logprob or None) entries; as vLLM's, each
     `top_logprobs` holds the token itself beside the top k (so k = 0 still names it)."""
     tokens, token_logprobs, top, offsets = [], [], [], []
     for token_id, item in entries:
-        text = _token_text(service, token_id)
+        text = token_texts[token_id]
         tokens.append(text)
         token_logprobs.append(None if item is None else item.logprob)
         if item is None:
             top.append(None)
         else:
-            alternatives = {_token_text(service, t): lp for t, lp in item.top}
+            alternatives = {token_texts[t]: lp for t, lp in item.top}
             alternatives.setdefault(text, item.logprob)
             top.append(alternatives)
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+    return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets)
 
 
-def chat_logprobs(service: ModelService, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(token_texts: list[str], logprobs: list[TokenLogprob]) -> ChatLogprobs:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = _token_text(service, token_id)
+        text = token_texts[token_id]
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    return {"content": [
-        {**entry(item.token_id, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(**entry(item.token_id, item.logprob), top_logprobs=[entry(t, lp) for t, lp in item.top])
         for item in logprobs
-    ]}
+    ])
 
 
-def _sse(payload: dict[str, Any] | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+@dataclass
+class CompletionRenderer:
+    """Completion choices from engine deltas: the echoed prompt on a choice's first, logprobs, text
+    offsets carried across a stream's chunks."""
+
+    service: ModelService
+    body: CompletionRequest
+    prompts: list[list[int]]
+    prompt_texts: list[str | None]
+    offsets: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def choice(self, position: int, delta: ChoiceDelta) -> CompletionChoice:
+        key = (position, delta.index)
+        first = key not in self.offsets
+        text = delta.text
+        entries: list[tuple[int, TokenLogprob | None]] = list(zip(delta.token_ids, delta.logprobs, strict=False))
+        if self.body.echo and first:
+            prompt_ids = self.prompts[position]
+            echoed = self.prompt_texts[position]
+            text = (echoed if echoed is not None else self.service.tokenizer.decode(prompt_ids)) + text
+            entries = [*zip(prompt_ids, delta.prompt_logprobs or [None] * len(prompt_ids), strict=True), *entries]
+        logprobs = (completion_logprobs(self.service.token_texts, entries, self.offsets.get(key, 0))
+                    if self.body.logprobs is not None else None)
+        self.offsets[key] = self.offsets.get(key, 0) + (
+            sum(len(t) for t in logprobs.tokens) if logprobs else len(text))
+        return CompletionChoice(index=position * self.body.n + delta.index, text=text, logprobs=logprobs,
+                                finish_reason=delta.finish_reason)
+
+    def chunk_choices(self, position: int, deltas: list[ChoiceDelta]) -> list[CompletionChoice]:
+        return [self.choice(position, delta) for delta in deltas]
 
 
 async def _merged(streams: list[AsyncIterator[list[ChoiceDelta]]]) -> AsyncIterator[tuple[int, list[ChoiceDelta]]]:
@@ -237,9 +367,18 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
 
 
+async def _json(build: Callable[[], BaseModel]) -> Response:
+    """The answer built and serialized on a worker thread: a large one (logprobs of long prompts)
+    never holds the event loop, and so never the other clients."""
+    body = await asyncio.to_thread(lambda: build().model_dump_json())
+    return Response(content=body, media_type="application/json")
+
+
 class OpenAIRoutes:
     def __init__(self, service: ModelService) -> None:
         self.service = service
+
+    # ---- parse ----
 
     def _sampling(self, body: _SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -252,12 +391,13 @@ class OpenAIRoutes:
             ignore_eos=body.ignore_eos,
         )
 
-    def _resolve(self, model: str, endpoint: str) -> str | None:
-        try:
-            return self.service.resolve(model)
-        except ServeError as error:
-            metrics.REQUESTS.labels("unknown", endpoint, str(error.status)).inc()
-            raise
+    def _resolve(self, request: Request, model: str) -> str | None:
+        name_model(request.scope, model)
+        return self.service.resolve(model)
+
+    def _head(self, request: Request, prefix: str, body: _SamplingRequest) -> ResponseHead:
+        return ResponseHead(id=f"{prefix}-{request.state.request_id}", created=int(time.time()), model=body.model,
+                            include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
     async def _prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
         """Each prompt's token ids, and its text where the request gave text."""
@@ -270,20 +410,18 @@ class OpenAIRoutes:
             prompts = list(prompt)  # type: ignore[arg-type]
         if not prompts:
             raise ServeError("prompt must not be empty", param="prompt")
-        if len(prompts) > self.service.limits.max_prompts:
-            raise ServeError(f"at most {self.service.limits.max_prompts} prompts in one request (got {len(prompts)})",
-                             code="too_many_prompts", param="prompt")
+        limits = self.service.limits
+        if len(prompts) > limits.max_prompts:
+            raise ServeError(f"at most {limits.max_prompts} prompts in one request (got {len(prompts)}; "
+                             "tessera serve --max-prompts)", code="too_many_prompts", param="prompt")
         vocab = self.service.base.model.config.vocab_size
+        given_ids = [item for item in prompts if not isinstance(item, str)]
+        for item in given_ids:
+            if any(not 0 <= t < vocab for t in item):
+                raise ServeError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         texts = [item for item in prompts if isinstance(item, str)]
-        encoded = iter(await self.service.encode(texts, "prompt"))
-        ids = []
-        for item in prompts:
-            if isinstance(item, str):
-                ids.append(next(encoded))
-            else:
-                if any(not 0 <= t < vocab for t in item):
-                    raise ServeError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-                ids.append(list(item))
+        encoded = iter(await self.service.encode(texts, "prompt", known_tokens=sum(map(len, given_ids))))
+        ids = [next(encoded) if isinstance(item, str) else list(item) for item in prompts]
         if any(not p for p in ids):
             raise ServeError("prompt must not be empty", param="prompt")
         return ids, [item if isinstance(item, str) else None for item in prompts]
@@ -293,6 +431,8 @@ class OpenAIRoutes:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         for position, message in enumerate(messages):
             self.service.check_text(message["content"], f"messages.{position}.content")
+        # All messages make one prompt: together they must fit one context, checked before tokenizing.
+        self.service.check_prompt_texts(["".join(m["content"] for m in messages)], "messages")
 
         def encode() -> list[int]:
             if getattr(tokenizer, "chat_template", None):
@@ -301,163 +441,103 @@ class OpenAIRoutes:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             return tokenizer(text).input_ids
 
-        return await self.service.tokenize(encode)
+        (prompt,) = await self.service.encode_each([encode], "messages")
+        return prompt
 
-    def _max_tokens(self, requested: int | None, prompt_ids: list[list[int]], n: int) -> int:
-        """The request's max_tokens (default: what the context leaves), within the request budget."""
-        max_tokens = requested if requested is not None else max(
-            1, self.service.engine.max_model_len - max(len(p) for p in prompt_ids))
-        check_budget(self.service.limits, len(prompt_ids), n, max_tokens)
-        return max_tokens
+    def _max_tokens(self, requested: int | None, prompt_ids: list[list[int]]) -> int:
+        """The request's max_tokens; by default what the context leaves."""
+        if requested is not None:
+            return requested
+        return max(1, self.service.engine.max_model_len - max(len(p) for p in prompt_ids))
 
-    async def completions(self, body: CompletionRequest, request: Request):
-        adapter = self._resolve(body.model, "completions")
+    # ---- the routes ----
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        adapter = self._resolve(request, body.model)
         prompts, prompt_texts = await self._prompts(body)
-        max_tokens = self._max_tokens(body.max_tokens, prompts, body.n)
+        max_tokens = self._max_tokens(body.max_tokens, prompts)
+        check_budget(self.service.limits, RequestCost(
+            prompts=len(prompts), prompt_tokens=sum(map(len, prompts)), n=body.n, max_tokens=max_tokens,
+            echoed_tokens=sum(map(len, prompts)) if body.echo else 0, logprobs=body.logprobs))
         params = self._sampling(body, max_tokens, body.logprobs)
         scored = body.logprobs if body.echo and body.logprobs is not None else None
-        created, response_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        head = self._head(request, "cmpl", body)
+        renderer = CompletionRenderer(self.service, body, prompts, prompt_texts)
         usage = Usage()
-        label = adapter or metrics.BASE_LABEL
-
-        def choice(position: int, delta: ChoiceDelta, offset: int, first: bool) -> dict[str, Any]:
-            """One choice (or its chunk); `first`: the choice's first, which carries the echoed prompt."""
-            text = delta.text
-            entries: list[tuple[int, TokenLogprob | None]] = list(zip(delta.token_ids, delta.logprobs, strict=False))
-            if body.echo and first:
-                prompt_ids = prompts[position]
-                echoed = prompt_texts[position]
-                text = (echoed if echoed is not None else self.service.tokenizer.decode(prompt_ids)) + text
-                entries = [*zip(prompt_ids, delta.prompt_logprobs or [None] * len(prompt_ids), strict=True),
-                           *entries]
-            return {
-                "index": position * body.n + delta.index,
-                "text": text,
-                "logprobs": completion_logprobs(self.service, entries, offset) if body.logprobs is not None else None,
-                "finish_reason": delta.finish_reason,
-            }
-
-        def chunk(choices: list[dict[str, Any]], usage_now: dict[str, int] | None = None) -> str:
-            payload = {"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                       "choices": choices}
-            if body.stream_options and body.stream_options.include_usage:
-                payload["usage"] = usage_now  # null on every chunk but the last, as OpenAI sends it
-            return _sse(payload)
-
         if body.stream:
             streams = [self.service.generate(p, adapter, params, body.n, usage, scored) for p in prompts]
-            first = await self._first_or_error(streams, label, "completions")
+            return await self._stream(streams, usage, lambda position, deltas: head.chunk(
+                "text_completion", renderer.chunk_choices(position, deltas)), head, "text_completion",
+                offload=body.logprobs is not None)
+        results = await cancel_on_disconnect(request, asyncio.gather(
+            *(self.service.complete(p, adapter, params, body.n, usage, scored) for p in prompts)))
+        return await _json(lambda: Completion(
+            id=head.id, created=head.created, model=head.model, usage=UsageInfo.of(usage),
+            choices=[renderer.choice(position, delta) for position, deltas in enumerate(results) for delta in deltas]))
 
-            async def events() -> AsyncIterator[str]:
-                offsets: dict[tuple[int, int], int] = {}
-                async for position, deltas in first:
-                    chunk_choices = []
-                    for delta in deltas:
-                        key = (position, delta.index)
-                        item = choice(position, delta, offsets.get(key, 0), key not in offsets)
-                        chunk_choices.append(item)
-                        offsets[key] = offsets.get(key, 0) + (
-                            sum(len(t) for t in item["logprobs"]["tokens"]) if item["logprobs"] else len(item["text"]))
-                    yield chunk(chunk_choices)
-                if body.stream_options and body.stream_options.include_usage:
-                    yield chunk([], usage.to_dict())
-                yield _sse("[DONE]")
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        results = await self._gather(
-            request, [self.service.complete(p, adapter, params, body.n, usage, scored) for p in prompts],
-            label, "completions")
-        return {
-            "id": response_id, "object": "text_completion", "created": created, "model": body.model,
-            "choices": [choice(position, delta, 0, True)
-                        for position, deltas in enumerate(results) for delta in deltas],
-            "usage": usage.to_dict(),
-        }
-
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        adapter = self._resolve(body.model, "chat")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        adapter = self._resolve(request, body.model)
         prompt = await self._chat_prompt(body)
-        max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens, [prompt], body.n)
+        max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens, [prompt])
         top = (body.top_logprobs or 0) if body.logprobs else None
+        check_budget(self.service.limits, RequestCost(prompts=1, prompt_tokens=len(prompt), n=body.n,
+                                                      max_tokens=max_tokens, logprobs=top))
         params = self._sampling(body, max_tokens, top)
-        created, response_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        head = self._head(request, "chatcmpl", body)
+        texts = self.service.token_texts
         usage = Usage()
-        label = adapter or metrics.BASE_LABEL
+
+        def logprobs(items: list[TokenLogprob]) -> ChatLogprobs | None:
+            return chat_logprobs(texts, items) if body.logprobs else None
 
         if body.stream:
-            first = await self._first_or_error(
-                [self.service.generate(prompt, adapter, params, body.n, usage)], label, "chat")
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            opening = head.chunk("chat.completion.chunk", [
+                ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
+                for i in range(body.n)])
+            return await self._stream(
+                [self.service.generate(prompt, adapter, params, body.n, usage)], usage,
+                lambda _, deltas: head.chunk("chat.completion.chunk", [ChatChunkChoice(
+                    index=d.index, delta={"content": d.text} if d.text or not d.finish_reason else {},
+                    logprobs=logprobs(d.logprobs), finish_reason=d.finish_reason) for d in deltas]),
+                head, "chat.completion.chunk", opening=opening, offload=body.logprobs)
+        (choices,) = await cancel_on_disconnect(request, asyncio.gather(
+            self.service.complete(prompt, adapter, params, body.n, usage)))
+        return await _json(lambda: ChatCompletion(
+            id=head.id, created=head.created, model=head.model, usage=UsageInfo.of(usage),
+            choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=logprobs(c.logprobs),
+                                finish_reason=c.finish_reason) for c in choices]))
 
-            def chunk(choices: list[dict[str, Any]], usage_now: dict[str, int] | None = None) -> str:
-                payload = {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                           "model": body.model, "choices": choices}
-                if include_usage:
-                    payload["usage"] = usage_now  # null on every chunk but the last, as OpenAI sends it
-                return _sse(payload)
+    # ---- generate and render a stream ----
 
-            async def events() -> AsyncIterator[str]:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(body.n)])
-                async for _, deltas in first:
-                    yield chunk([{
-                        "index": d.index,
-                        "delta": {"content": d.text} if d.text or not d.finish_reason else {},
-                        "logprobs": chat_logprobs(self.service, d.logprobs) if body.logprobs else None,
-                        "finish_reason": d.finish_reason,
-                    } for d in deltas])
-                if include_usage:
-                    yield chunk([], usage.to_dict())
-                yield _sse("[DONE]")
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        (choices,) = await self._gather(
-            request, [self.service.complete(prompt, adapter, params, body.n, usage)], label, "chat")
-        return {
-            "id": response_id, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(self.service, c.logprobs) if body.logprobs else None,
-                "finish_reason": c.finish_reason,
-            } for c in choices],
-            "usage": usage.to_dict(),
-        }
-
-    async def _gather(self, request: Request, calls: list, label: str, endpoint: str) -> list:
-        try:
-            results = await cancel_on_disconnect(request, asyncio.gather(*calls))
-        except ServeError as error:
-            metrics.REQUESTS.labels(label, endpoint, str(error.status)).inc()
-            raise
-        metrics.REQUESTS.labels(label, endpoint, "200").inc()
-        return results
-
-    async def _first_or_error(self, streams: list, label: str, endpoint: str):
-        """Start the streams and wait for their first event, so an early error is an HTTP error
-        status rather than a broken event stream."""
+    async def _stream(self, streams: list[AsyncIterator[list[ChoiceDelta]]], usage: Usage,
+                      render: Callable[[int, list[ChoiceDelta]], str], head: ResponseHead,
+                      kind: Literal["text_completion", "chat.completion.chunk"], *, opening: str | None = None,
+                      offload: bool = False) -> StreamingResponse:
+        """Start the streams and wait for their first event, so an early error is an HTTP error status
+        rather than a broken event stream; then one chunk per engine step. `offload`: chunks with
+        logprobs are rendered on a worker thread."""
         merged = _merged(streams)
         try:
             first = await merged.__anext__()
         except StopAsyncIteration:
             first = None
-        except ServeError as error:
-            metrics.REQUESTS.labels(label, endpoint, str(error.status)).inc()
-            raise
-        metrics.REQUESTS.labels(label, endpoint, "200").inc()
 
-        async def replay() -> AsyncIterator[tuple[int, list[ChoiceDelta]]]:
+        async def events() -> AsyncIterator[str]:
             try:
-                if first is not None:
-                    yield first
-                async for item in merged:
-                    yield item
+                if opening is not None:
+                    yield opening
+                pending = [] if first is None else [first]
+                async for item in _chain(pending, merged):
+                    yield await asyncio.to_thread(render, *item) if offload else render(*item)
+                if head.include_usage:
+                    yield head.chunk(kind, [], usage)
+                yield "data: [DONE]\n\n"
             finally:
                 await merged.aclose()
 
-        return replay()
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ---- models ----
 
     def _model_card(self, name: str) -> dict[str, Any]:
         record = self.service.registry.get(name)
@@ -474,8 +554,15 @@ class OpenAIRoutes:
         return {"object": "list", "data": [self._model_card(n) for n in names], "models": self.service.kserve_names()}
 
     async def get_model(self, model_name: str) -> dict[str, Any]:
-        self._resolve(model_name, "models")
+        self.service.resolve(model_name)
         return {**self._model_card(model_name), "name": model_name, "ready": True}
+
+
+async def _chain(first: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
 
 
 def openai_router(service: ModelService) -> APIRouter:

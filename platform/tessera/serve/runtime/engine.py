@@ -83,25 +83,40 @@ class AdapterReloader(Protocol):
         """Start making an evicted adapter resident again; False when no adapter has that name."""
 
 
-def visible_text(text: str, stops: tuple[str, ...], final: bool) -> tuple[str, bool]:
+def visible_text(text: str, stops: tuple[str, ...], final: bool, shown: int = 0) -> tuple[str, bool]:
     """The part of `text` that may be shown now, and whether a stop string ended it.
 
     Text that could still become a stop string, or an incomplete UTF-8 character, is held back
-    until the next token decides it; a finished sequence shows everything left.
+    until the next token decides it; a finished sequence shows everything left. `shown`: the
+    characters already shown, which hold no stop string, so only the text after them (and a stop's
+    length before, should decoding have changed them) is searched: a step's cost does not grow
+    with the text, and stop strings are bounded (`sampling.MAX_STOP_CHARS`), so neither does the
+    hold-back search.
     """
-    hits = [index for index in (text.find(stop) for stop in stops if stop) if index >= 0]
+    longest = max((len(stop) for stop in stops), default=0)
+    start = max(0, shown - longest)
+    hits = [index for index in (text.find(stop, start) for stop in stops if stop) if index >= 0]
     if hits:
         return text[: min(hits)], True
     if final:
         return text, False
-    hold = 0
-    for stop in stops:
-        for length in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:length]):
-                hold = length
-                break
+    hold = max((held_prefix(text, stop) for stop in stops), default=0)
     visible = text[: len(text) - hold]
     return visible.rstrip("\ufffd"), False
+
+
+def held_prefix(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `stop` (0 if none): only the
+    positions where `stop`'s first character occurs are tried."""
+    if len(stop) < 2:
+        return 0
+    tail = text[-(len(stop) - 1):]
+    at = tail.find(stop[0])
+    while at >= 0:
+        if stop.startswith(tail[at:]):
+            return len(tail) - at
+        at = tail.find(stop[0], at + 1)
+    return 0
 
 
 @dataclass
@@ -508,7 +523,7 @@ class Engine:
             elif len(seq.tokens) >= params.max_tokens:
                 finish = "length"
             text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-            visible, stopped = visible_text(text, params.stop, final=finish is not None)
+            visible, stopped = visible_text(text, params.stop, final=finish is not None, shown=seq.emitted)
             if stopped:
                 finish = "stop"
             delta = ChoiceDelta(

@@ -4,6 +4,11 @@ Fetching an adapter from the store and checking it run on a loader thread; only 
 install runs on the engine thread, between two steps, so requests to other adapters never wait
 for a download or fail because of a bad adapter. The registry remembers where every adapter came
 from, so one the engine evicted (LRU, capacity `max_loras`) is fetched again when asked for.
+
+Every change of an adapter's state (load, in-place load, reload, unload) installs under the
+name's lock, and a reload carries the version (`AdapterRecord.int_id`) it was asked for: one that
+finds a newer version registered when its fetch ends is discarded, so a slow fetch of an old
+version can never overwrite the version the registry lists.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import asyncio
 import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +43,9 @@ from tessera.serve.runtime.adapters import (
 from tessera.serve.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
+
+# Unloaded adapters whose origin is remembered for KServe's repository `load` (the most recent ones).
+MAX_UNLOADED_RECORDS = 256
 
 
 class AdapterSource(BaseModel):
@@ -73,7 +84,7 @@ class AdapterRecord:
     rank: int
     task: str | None
     base_model: str | None
-    int_id: int  # vLLM's lora_int_id: a new one for every load
+    int_id: int  # vLLM's lora_int_id: a new one for every load, so also the version that orders state changes
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -87,6 +98,12 @@ def not_loaded(name: str | int) -> ServeError:
     """vLLM's answer to unloading an adapter it does not serve."""
     return ServeError(f"The lora adapter '{name}' cannot be found.", status=404, code="lora_not_found",
                       param="lora_name", type="NotFoundError")
+
+
+@dataclass
+class _NameLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 class AdapterRegistry:
@@ -105,11 +122,14 @@ class AdapterRegistry:
         self.allowed_prefixes = allowed_prefixes
         self.cache_dir = cache_dir
         self.records: dict[str, AdapterRecord] = {}
-        # Where unloaded adapters came from, so KServe's repository `load` can bring one back by name.
-        self.unloaded: dict[str, AdapterRecord] = {}
+        # Where the most recently unloaded adapters came from, so KServe's repository `load` can bring
+        # one back by name; bounded, since names come from callers.
+        self.unloaded: OrderedDict[str, AdapterRecord] = OrderedDict()
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessera-loader")
-        self._name_locks: dict[str, asyncio.Lock] = {}
+        self._name_locks: dict[str, _NameLock] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, known from the first load
+        self._reloads: set[Future] = set()
         engine.reloader = self
 
     def get(self, name: str) -> AdapterRecord | None:
@@ -142,14 +162,15 @@ class AdapterRegistry:
                    *, inplace: bool = False) -> AdapterRecord:
         """Fetch, check and install an adapter; a name already served is refused unless `inplace`
         (vLLM's `load_inplace`), which replaces it with no gap in serving."""
-        if not ADAPTER_NAME.match(name):
+        if not ADAPTER_NAME.fullmatch(name):  # `match` would take a name with a final newline
             raise ServeError(
                 f"invalid lora_name {name!r}: use letters, digits, '.', '_', ':' or '-' (at most 128)",
                 code="invalid_name", param="lora_name",
             )
         started = time.perf_counter()
+        self._loop = asyncio.get_running_loop()
         try:
-            async with self._name_locks.setdefault(name, asyncio.Lock()):
+            async with self._lock(name):
                 if name in self.records and not inplace:  # vLLM's first check, before the path's
                     raise already_loaded(name)
                 # The checked location is what is fetched, now and on every reload: never `source` again.
@@ -163,13 +184,13 @@ class AdapterRegistry:
                                        prepared.base_model, next(self._ids))
                 self.records[name] = record
                 self.unloaded.pop(name, None)
+                metrics.ADAPTERS_REGISTERED.set(len(self.records))
         except ServeError as error:
             metrics.ADAPTER_LOAD_FAILURES.labels(error.code).inc()
             metrics.ADAPTER_LOAD_SECONDS.labels("failed").observe(time.perf_counter() - started)
             log.warning("refused adapter %s from %s: %s", name, source, error.message)
             raise error from None
         metrics.ADAPTER_LOAD_SECONDS.labels("loaded").observe(time.perf_counter() - started)
-        metrics.ADAPTERS_REGISTERED.set(len(self.records))
         log.info("loaded adapter %s (rank %d) from %s in %.3fs", name, record.rank, source,
                  time.perf_counter() - started)
         return record
@@ -188,13 +209,16 @@ class AdapterRegistry:
 
     async def unload(self, name: str) -> None:
         """Stop serving `name` everywhere (every protocol reads this registry)."""
-        async with self._name_locks.setdefault(name, asyncio.Lock()):
+        async with self._lock(name):
             record = self.records.pop(name, None)
             if record is None:
                 raise not_loaded(name)
             self.unloaded[name] = record
+            while len(self.unloaded) > MAX_UNLOADED_RECORDS:
+                self.unloaded.popitem(last=False)
             await asyncio.wrap_future(self.engine.remove(name))
-        metrics.ADAPTERS_REGISTERED.set(len(self.records))
+            metrics.ADAPTERS_REGISTERED.set(len(self.records))
+            metrics.forget_adapter(name)
 
     async def reload(self, name: str) -> AdapterRecord:
         """Serve again an adapter that was unloaded, from where it came (KServe's repository `load`)."""
@@ -217,26 +241,56 @@ class AdapterRegistry:
         return results
 
     def request_reload(self, name: str) -> bool:
-        """Called by the engine thread for an evicted adapter a request needs."""
+        """Called by the engine thread for an evicted adapter a request needs: reload the version
+        registered now, on the event loop, where every other state change of the adapter runs."""
         record = self.records.get(name)
-        if record is None:
+        if record is None or self._loop is None:
             return False
-
-        def reload() -> None:
-            try:
-                prepared = self._prepare(name, record.source, record.sha256, record.task)
-                self.engine.install(name, prepared.weights).result()
-                log.info("reloaded evicted adapter %s", name)
-            except Exception as error:
-                message = error.message if isinstance(error, AdapterError) else type(error).__name__
-                log.error("reloading adapter %s failed: %s", name, message)
-                metrics.ADAPTER_LOAD_FAILURES.labels("reload_failed").inc()
-                self.engine.fail_adapter(
-                    name, ServeError(f"adapter {name} could not be reloaded: {message}", status=503,
-                                     code="adapter_unavailable"))
-
-        self._executor.submit(reload)
+        future = asyncio.run_coroutine_threadsafe(self._reload(record), self._loop)
+        self._reloads.add(future)
+        future.add_done_callback(self._reloads.discard)
         return True
 
+    def reloads_in_flight(self) -> list[Future]:
+        return list(self._reloads)
+
+    async def _reload(self, record: AdapterRecord) -> None:
+        name = record.name
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._prepare, name, record.source, record.sha256, record.task)
+            async with self._lock(name):
+                current = self.records.get(name)
+                if current is None or current.int_id != record.int_id:
+                    # A newer version was loaded (and installed) or the adapter was unloaded while this
+                    # one was fetched: installing it now would serve what the registry no longer lists.
+                    log.info("discarded the reload of adapter %s version %d: %s", name, record.int_id,
+                             "unloaded since" if current is None else f"version {current.int_id} registered since")
+                    return
+                await asyncio.wrap_future(self.engine.install(name, prepared.weights))
+            log.info("reloaded evicted adapter %s version %d", name, record.int_id)
+        except Exception as error:
+            message = error.message if isinstance(error, AdapterError) else type(error).__name__
+            log.error("reloading adapter %s failed: %s", name, message)
+            metrics.ADAPTER_LOAD_FAILURES.labels("reload_failed").inc()
+            self.engine.fail_adapter(
+                name, ServeError(f"adapter {name} could not be reloaded: {message}", status=503,
+                                 code="adapter_unavailable"))
+
+    @asynccontextmanager
+    async def _lock(self, name: str) -> AsyncIterator[None]:
+        """The name's lock, kept only while someone holds or awaits it: names come from callers."""
+        entry = self._name_locks.setdefault(name, _NameLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._name_locks[name]
+
     def close(self) -> None:
+        for future in self.reloads_in_flight():
+            future.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)

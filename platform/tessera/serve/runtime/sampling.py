@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+# OpenAI's bound on stop sequences, and one on their length: the engine holds back and searches
+# the end of every row's text for each of them on every step.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+
 
 @dataclass(frozen=True)
 class SamplingParams:

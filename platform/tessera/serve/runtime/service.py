@@ -1,9 +1,10 @@
-"""What the HTTP layers share: name resolution, bounded tokenization off the event loop, request
-budgets, and generation as an async stream of deltas."""
+"""What the HTTP layers share: name resolution, bounded tokenization off the event loop, the request
+budget, and generation as an async stream of deltas."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +23,74 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may ask for, so no request can take the server's memory or time from others."""
+    """What one request may ask for, so no request can take the server's memory or time from others.
+
+    One budget for everything a request makes the server compute or return, each checked before
+    the work it bounds starts, each named by its `tessera serve` option in the refusal."""
 
     max_request_bytes: int = 4 << 20  # the body, before anything parses it
-    max_prompts: int = 64  # prompts in one completions request
+    max_prompts: int = 64  # prompts (or KServe instances) in one request
+    max_prompt_tokens: int = 131072  # prompt tokens over all prompts, messages or instances of one request
     max_request_tokens: int = 65536  # prompts x n x max_tokens: tokens one request may make the engine generate
+    max_response_bytes: int = 16 << 20  # the answer's estimated size: text, echoed prompts, logprobs
+
+
+# A returned token's share of an answer: its text and, with logprobs, each entry (text, number,
+# punctuation). An estimate from OpenAI-shaped answers of the tiny and SmolLM2 models (25 MB for
+# 128k echoed tokens with 5 alternatives is 32 bytes an entry).
+TOKEN_ENTRY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    """What one request will make the server compute and return, known before generation starts."""
+
+    prompts: int
+    prompt_tokens: int  # over all prompts
+    n: int
+    max_tokens: int
+    echoed_tokens: int = 0  # prompt tokens returned with each choice (echo), over all prompts
+    logprobs: int | None = None  # alternatives reported per returned token; None: no logprobs
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.prompts * self.n * self.max_tokens
+
+    @property
+    def response_bytes(self) -> int:
+        returned = self.n * self.echoed_tokens + self.generated_tokens
+        entries = 1 + (self.logprobs + 1 if self.logprobs is not None else 0)
+        return returned * entries * TOKEN_ENTRY_BYTES
+
+
+def too_large(what: str, limit: int, option: str, param: str, advice: str) -> ServeError:
+    return ServeError(f"{what}; at most {limit} per request (tessera serve {option}): {advice}",
+                      code="request_too_large", param=param)
+
+
+def check_budget(limits: RequestLimits, cost: RequestCost) -> None:
+    """Refuse, before any generation, a request over any line of the budget, naming that line."""
+    if cost.prompts > limits.max_prompts:
+        raise ServeError(f"at most {limits.max_prompts} prompts in one request (got {cost.prompts}; "
+                         "tessera serve --max-prompts)", code="too_many_prompts", param="prompt")
+    check_prompt_tokens(limits, cost.prompt_tokens, "prompt")
+    if cost.generated_tokens > limits.max_request_tokens:
+        raise too_large(
+            f"this request could generate {cost.generated_tokens} tokens ({cost.prompts} prompt(s) x n={cost.n} x "
+            f"max_tokens={cost.max_tokens})", limits.max_request_tokens, "--max-request-tokens", "max_tokens",
+            "lower n or max_tokens")
+    if cost.response_bytes > limits.max_response_bytes:
+        raise too_large(
+            f"the answer to this request could be {cost.response_bytes} bytes ({cost.n * cost.echoed_tokens} echoed "
+            f"and {cost.generated_tokens} generated tokens, logprobs={cost.logprobs})", limits.max_response_bytes,
+            "--max-response-bytes", "logprobs" if cost.logprobs is not None else "max_tokens",
+            "ask fewer logprobs, fewer prompts, or no echo")
+
+
+def check_prompt_tokens(limits: RequestLimits, tokens: int, param: str, at_least: bool = False) -> None:
+    if tokens > limits.max_prompt_tokens:
+        raise too_large(f"the prompts of this request hold {'at least ' if at_least else ''}{tokens} tokens",
+                        limits.max_prompt_tokens, "--max-prompt-tokens", param, "send fewer or shorter prompts")
 
 
 def unicode_problem(text: str) -> str | None:
@@ -44,17 +108,6 @@ def valid_unicode(text: str, param: str) -> str:
     if problem:
         raise ServeError(f"{param} is {problem}", code="invalid_unicode", param=param)
     return text
-
-
-def check_budget(limits: RequestLimits, prompts: int, n: int, max_tokens: int) -> None:
-    if prompts > limits.max_prompts:
-        raise ServeError(f"at most {limits.max_prompts} prompts in one request (got {prompts})",
-                         code="too_many_prompts", param="prompt")
-    if prompts * n * max_tokens > limits.max_request_tokens:
-        raise ServeError(
-            f"this request could generate {prompts * n * max_tokens} tokens ({prompts} prompt(s) x n={n} x "
-            f"max_tokens={max_tokens}); at most {limits.max_request_tokens} per request: lower n or max_tokens",
-            code="request_too_large", param="max_tokens")
 
 
 class _RequestStream:
@@ -114,7 +167,10 @@ class ModelService:
         # times that cannot fit: refused before it is tokenized.
         longest = max((len(t) for t in self.tokenizer.convert_ids_to_tokens(range(len(self.tokenizer)))
                        if isinstance(t, str)), default=1)
-        self.max_text_chars = engine.max_model_len * max(longest, 1)
+        self.longest_token_chars = max(longest, 1)
+        self.max_text_chars = engine.max_model_len * self.longest_token_chars
+        # Each token's text, decoded once: logprobs are rendered from this table, off the tokenizer.
+        self.token_texts: list[str] = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
 
     @property
     def tokenizer(self):
@@ -137,15 +193,49 @@ class ModelService:
                 code="context_length_exceeded", param=param)
         return text
 
+    def least_tokens(self, text: str) -> int:
+        """No text has fewer tokens than this: no token is longer than the longest vocabulary entry."""
+        return math.ceil(len(text) / self.longest_token_chars)
+
+    def check_prompt_texts(self, texts: list[str], param: str, known_tokens: int = 0) -> None:
+        """Each text's checks, and the request's prompt budget by the least tokens the texts can hold:
+        all before anything is tokenized."""
+        for text in texts:
+            self.check_text(text, param)
+        check_prompt_tokens(self.limits, known_tokens + sum(self.least_tokens(t) for t in texts), param,
+                            at_least=True)
+
     async def tokenize(self, work: Callable[[], T]) -> T:
         """Run `work` (which uses the tokenizer) on the tokenizer thread."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, work)
 
-    async def encode(self, texts: list[str], param: str) -> list[list[int]]:
-        """Token ids of each text, with the tokenizer's special tokens, after the checks above."""
-        for text in texts:
-            self.check_text(text, param)
-        return await self.tokenize(lambda: [self.tokenizer(text).input_ids for text in texts])
+    async def encode_each(self, encoders: list[Callable[[], list[int]]], param: str,
+                          known_tokens: int = 0) -> list[list[int]]:
+        """Token ids of each prompt, on the tokenizer thread, stopping as soon as the request's prompts
+        hold more tokens than its budget (`known_tokens`: those of prompts given as token ids)."""
+
+        def encode() -> list[list[int]]:
+            total, encoded = known_tokens, []
+            for encoder in encoders:
+                ids = encoder()
+                total += len(ids)
+                check_prompt_tokens(self.limits, total, param, at_least=True)
+                encoded.append(ids)
+            return encoded
+
+        return await self.tokenize(encode)
+
+    async def encode(self, texts: list[str], param: str, known_tokens: int = 0) -> list[list[int]]:
+        """Token ids of each text, with the tokenizer's special tokens, within the request's budget."""
+        self.check_prompt_texts(texts, param, known_tokens)
+        return await self.encode_each([lambda text=text: self.tokenizer(text).input_ids for text in texts], param,
+                                      known_tokens)
+
+    def metric_label(self, model: str) -> str:
+        """The `adapter` label of requests naming `model`: bounded to the names the server serves."""
+        if model in (self.served_name, self.kserve_name):
+            return metrics.BASE_LABEL
+        return model if self.registry.get(model) is not None else "unknown"
 
     def close(self) -> None:
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
