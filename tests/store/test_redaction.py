@@ -39,6 +39,13 @@ def test_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
         assert CANARY not in str(error) and "u:p" not in str(error)  # every TesseraError, at creation
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tessera.model.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
 def _prepare(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
     job = tmp_path / "job.yaml"
     job.write_text(JOB)
@@ -48,16 +55,25 @@ def _prepare(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
                           text=True, cwd=tmp_path, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("dataset", ["/proc/self/environ", "file:///proc/self/%65nviron", "link-to-environ",
-                                     "credentials.csv"])
-def test_prepare_never_prints_a_file_or_the_environment(tmp_path: Path, dataset: str) -> None:
+@pytest.mark.parametrize(("dataset", "refusal"), [
+    ("/proc/self/environ", "is a system pseudo-file"),
+    ("file:///proc/self/%65nviron", "is a system pseudo-file"),
+    ("link-to-environ", "is a system pseudo-file"),
+    ("credentials.csv", "dataset credentials.csv has no column"),
+])
+def test_prepare_never_prints_a_file_or_the_environment(tmp_path: Path, tiny_model: Path, dataset: str,
+                                                        refusal: str) -> None:
     """`tessera prepare` pointed at the process environment (directly, percent-encoded, through a
-    link) or at a credentials file read as CSV: refused, and nothing of the file is printed."""
+    link) or at a credentials file read as CSV: refused, and nothing of the file is printed. The
+    job's base model exists, so each case reaches the dataset (`refusal` says it did)."""
+    (tmp_path / ".tessera" / "models").mkdir(parents=True)
+    (tmp_path / ".tessera" / "models" / "tiny-llama").symlink_to(tiny_model)
     (tmp_path / "link-to-environ").symlink_to("/proc/self/environ")
     (tmp_path / "credentials.csv").write_text(f"[default]\naws_secret_access_key = {CANARY}\n")
     result = _prepare(tmp_path, f"spec.dataset.uri={dataset}", "spec.dataset.format=csv")
     assert result.returncode != 0
     output = result.stdout + result.stderr
+    assert refusal in output and "does not exist" not in output, output
     assert "Traceback" not in output
     assert CANARY not in output and "AKIAEXAMPLEPROBE" not in output and "PATH=" not in output
     assert "aws_secret_access_key" not in output
