@@ -169,8 +169,10 @@ class ModelService:
                        if isinstance(t, str)), default=1)
         self.longest_token_chars = max(longest, 1)
         self.max_text_chars = engine.max_model_len * self.longest_token_chars
-        # Each token's text, decoded once: logprobs are rendered from this table, off the tokenizer.
-        self.token_texts: list[str] = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        # Each token's text, decoded once: logprobs are rendered from this table, off the tokenizer. The
+        # model's vocabulary may be padded past the tokenizer's; those ids decode to nothing.
+        vocab = max(len(self.tokenizer), int(base.model.config.vocab_size))
+        self.token_texts: list[str] = self.tokenizer.batch_decode([[i] for i in range(vocab)])
 
     @property
     def tokenizer(self):
