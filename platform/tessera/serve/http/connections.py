@@ -93,10 +93,11 @@ def bounded_protocol(read_timeout: float, max_connections: int) -> type[HttpTool
             self._read_deadline = None
             if self.transport.is_closing():
                 return
+            if self.cycle is not None and self.cycle.response_started and self.cycle.more_body:
+                # Answered before its body came (e.g. 413), and the body is still coming: only close.
+                self.transport.close()
+                return
             if self.cycle is not None and not self.cycle.response_complete:
-                if self.cycle.response_started:  # answered before its body came (e.g. 413): only close
-                    self.transport.close()
-                    return
                 self.cycle.disconnected = True  # the route waiting for the body sees the client gone
                 self.cycle.message_event.set()
             if self._received:
