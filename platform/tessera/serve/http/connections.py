@@ -39,7 +39,7 @@ def connection_cap(max_connections: int) -> int:
     if soft == resource.RLIM_INFINITY or soft - RESERVED_DESCRIPTORS >= max_connections:
         return max_connections
     cap = max(1, soft - RESERVED_DESCRIPTORS)
-    log.warning("at most %d connections: the process may open %d files", cap, soft)
+    log.info("at most %d connections: the process may open %d files", cap, soft)
     return cap
 
 
