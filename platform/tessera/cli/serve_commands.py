@@ -55,6 +55,19 @@ def serve_command(
         help="Most tokens one request may generate (prompts x n x max_tokens)."),
     adapter_api_loopback_only: bool = typer.Option(_default("adapter_api_loopback_only"),
         help="Answer load/unload only to callers on this pod's loopback (the adapter agent); 403 to others."),
+    auth_mode: str = typer.Option(_default("auth_mode"), help="Who may call which model: kubernetes (TokenReview "
+        "and SubjectAccessReview `use` on adapters.tessera.dev), keys (--api-keys) or none. Needed off loopback."),
+    api_keys: Path = typer.Option(_default("api_keys"), help="Keys file for --auth-mode keys (a mounted Secret)."),
+    quotas_file: Path = typer.Option(_default("quotas_file"),
+        help="Quotas per subject and group: tokens per minute, concurrent requests (JSON)."),
+    auth_namespace: str = typer.Option(_default("auth_namespace"),
+        help="Namespace adapters are authorized in (default: this pod's)."),
+    audit_include_content: bool = typer.Option(_default("audit_include_content"),
+        help="Write prompts into the audit lines, not only their SHA-256."),
+    audit_file: Path = typer.Option(_default("audit_file"), help="Audit lines to this file instead of stdout."),
+    kube_api_url: str = typer.Option(_default("kube_api_url"),
+        help="Kubernetes API for TokenReview and SubjectAccessReview (default: in-cluster)."),
+    kube_token_file: Path = typer.Option(_default("kube_token_file"), help="Token presented to that API."),
 ) -> None:
     """Serve a base model and hot-loaded LoRA adapters (OpenAI, vLLM adapter API, KServe v1/v2)."""
     from pydantic import ValidationError
@@ -72,7 +85,9 @@ def serve_command(
             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_model_len=max_model_len,
             quantization=quantization, dtype=dtype, cache_dir=cache_dir, cpu_threads=cpu_threads,
             max_request_bytes=max_request_bytes, max_prompts=max_prompts, max_request_tokens=max_request_tokens,
-            adapter_api_loopback_only=adapter_api_loopback_only,
+            adapter_api_loopback_only=adapter_api_loopback_only, auth_mode=auth_mode, api_keys=api_keys,
+            quotas_file=quotas_file, auth_namespace=auth_namespace, audit_include_content=audit_include_content,
+            audit_file=audit_file, kube_api_url=kube_api_url, kube_token_file=kube_token_file,
         )
     except ValidationError as error:
         raise InvalidSpecError([f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()],

@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from tessera.access.middleware import AccessControl
 from tessera.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,9 @@ def build_server(settings: ServeSettings) -> Server:
     app = FastAPI(title="Tessera model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.add_middleware(limit_body_size, max_bytes=limits.max_request_bytes)
+    app.add_middleware(AccessControl, settings=settings.access_settings(served_name))
     if settings.adapter_api_loopback_only:
-        from tessera.agent.guard import LoopbackOnlyAdapterApi
+        from tessera.access.guard import LoopbackOnlyAdapterApi
 
         # Outermost: a refused caller's body is never read.
         app.add_middleware(LoopbackOnlyAdapterApi)
