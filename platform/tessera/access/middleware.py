@@ -39,6 +39,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("tessera.access")
 # Kept to read `usage` from a JSON answer; larger answers are passed on unread (tokens then unknown).
 MAX_INSPECTED_BYTES = 8 << 20
+CATALOG_SECONDS = 30.0
 _UNREADABLE = object()  # a body that is not JSON
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_denied",
           413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
@@ -158,6 +159,7 @@ class AccessControl:
         self.app = app
         self.policy = policy or AccessPolicy.build(settings or AccessSettings.from_environment())
         self.audit = audit_logger(self.policy.settings.audit_file)
+        self._catalog_at = -CATALOG_SECONDS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -193,10 +195,12 @@ class AccessControl:
                     await self._pass(scope, _replay(body, receive), send, record)
                     return
                 raise Refusal(400, "the request must name its model (the JSON body's `model`)", "invalid")
-            record.adapter = None if model == self.policy.base else model
-            record.version = self.policy.models.get(model)
             if not await self._allowed(identity, model):
                 raise Refusal(403, "this identity may not use the model named in the request", "denied")
+            await self._refresh_catalog(scope, model)
+            record.base = self.policy.base
+            record.adapter = None if model == self.policy.base else model
+            record.version = self.policy.models.get(model)
             if route.inference:
                 record.prompt_sha256 = prompt_digest(_prompt(parsed))
                 if self.policy.settings.audit_include_content:
@@ -323,6 +327,30 @@ class AccessControl:
         headers = [(k, v) for k, v in start.get("headers") or () if k.lower() != b"content-length"]
         await send({**start, "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
         await send({"type": "http.response.body", "body": raw})
+
+    async def _refresh_catalog(self, scope: Scope, model: str) -> None:
+        """Ask the runtime's own model list (in process, not over the network) when `model` is new to
+        the catalog or the catalog is older than CATALOG_SECONDS: versions change on a reload."""
+        now = time.monotonic()
+        if (model in self.policy.models or model == self.policy.base) and now - self._catalog_at < CATALOG_SECONDS:
+            return
+        self._catalog_at = now
+        chunks: list[bytes] = []
+
+        async def nothing() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        listing = {**scope, "method": "GET", "path": "/v1/models", "raw_path": b"/v1/models", "query_string": b"",
+                   "headers": [(b"accept", b"application/json")]}
+        try:
+            await self.app(listing, nothing, capture)
+            self._learn(json.loads(b"".join(chunks)))
+        except Exception as error:  # noqa: BLE001 - the audit line then lacks the version, the request goes on
+            log.warning("could not read the runtime's model list: %s", type(error).__name__)
 
     def _learn(self, body: Any) -> None:
         """Versions and the base name from the runtime's own model list (the agent reads it every few
