@@ -20,23 +20,31 @@ from typing import Any
 AUDIT_LOGGER = "tessera.audit"
 
 try:  # Both runtimes ship prometheus_client (vLLM serves it at /metrics, as Tessera's server does).
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import REGISTRY, Counter, Histogram
 except ImportError:  # pragma: no cover - a runtime without it still gets the audit lines
     Counter = Histogram = None  # type: ignore[assignment,misc]
+
+
+def _registered(kind: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return kind(name, *args, **kwargs)
+    except ValueError:  # already registered by another copy of this module (tessera.access and tessera_access)
+        return REGISTRY._names_to_collectors[name]  # noqa: SLF001 - the registry's only lookup by name
 
 
 def _metrics() -> dict[str, Any]:
     if Counter is None:
         return {}
     return {
-        "tokens": Counter("tessera_tokens", "Tokens per subject and adapter, for chargeback.",
-                          ["subject", "adapter", "direction"]),
-        "requests": Counter("tessera_access_requests", "Inference requests by access decision and HTTP status.",
-                            ["decision", "status"]),
-        "quota": Counter("tessera_quota_rejections", "Requests refused with 429 by a quota.", ["subject", "limit"]),
-        "latency": Histogram("tessera_access_request_duration_seconds",
-                             "Time from request to the end of the answer, as the access middleware saw it.",
-                             ["decision"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)),
+        "tokens": _registered(Counter, "tessera_tokens", "Tokens per subject and adapter, for chargeback.",
+                              ["subject", "adapter", "direction"]),
+        "requests": _registered(Counter, "tessera_access_requests",
+                                "Inference requests by access decision and HTTP status.", ["decision", "status"]),
+        "quota": _registered(Counter, "tessera_quota_rejections", "Requests refused with 429 by a quota.",
+                             ["subject", "limit"]),
+        "latency": _registered(Histogram, "tessera_access_request_duration_seconds",
+                               "Time from request to the end of the answer, as the access middleware saw it.",
+                               ["decision"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)),
     }
 
 
@@ -89,10 +97,15 @@ class AuditRecord:
 def audit_logger(path: Path | None = None) -> logging.Logger:
     """The dedicated logger: stdout (the pod's log, collected with the rest) or a file; one line each."""
     logger = logging.getLogger(AUDIT_LOGGER)
-    if not logger.handlers:
+    target = str(path) if path else "<stdout>"
+    if getattr(logger, "tessera_target", None) != target:  # one destination per process: the last configured
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
         handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
+        logger.tessera_target = target  # type: ignore[attr-defined]
         logger.setLevel(logging.INFO)
         logger.propagate = False  # never mixed into, nor formatted by, the server's own log
     return logger

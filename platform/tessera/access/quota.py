@@ -72,7 +72,8 @@ class QuotaPolicy:
             raise QuotaFileError(f"{where}: expected an object with default, subjects, groups")
         sections = {}
         for section in ("subjects", "groups"):
-            entries = document.get(section) or {}
+            entries = document.get(section)
+            entries = {} if entries is None else entries
             if not isinstance(entries, dict):
                 raise QuotaFileError(f"{where}.{section}: expected an object of name -> limit")
             sections[section] = {name: Limit.of(entry, f"{where}.{section}.{name}") for name, entry in entries.items()}
