@@ -56,6 +56,8 @@ class ServeSettings(BaseModel):
         if self.auth_mode is None and self.host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError(f"serving on {self.host} needs --auth-mode: kubernetes, keys, or none (anyone who "
                              "reaches the port may then use every model)")
+        if self.auth_mode == "keys" and self.api_keys is None:
+            raise ValueError("--auth-mode keys needs --api-keys (the keys file)")
         return self
 
     def access_settings(self, base: str | None = None) -> AccessSettings:
