@@ -229,11 +229,14 @@ def build_inference_service(adapter: Adapter, config: OperatorConfig) -> dict[st
                          {"tessera.dev/base-model": dns_label(spec.base_model.uri.rstrip("/").rsplit("/", 1)[-1])},
                          None)
     metadata["annotations"] = {"serving.kserve.io/deploymentMode": "RawDeployment"}
+    predictor: dict[str, Any] = {"minReplicas": 1, "model": model}
+    if config.predictor_service_account:
+        predictor["serviceAccountName"] = config.predictor_service_account
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": metadata,
-        "spec": {"predictor": {"minReplicas": 1, "model": model}},
+        "spec": {"predictor": predictor},
     }
 
 

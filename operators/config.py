@@ -32,6 +32,7 @@ _ENV = {
     "serving_runtime_kind": "TESSERA_SERVING_RUNTIME_KIND",
     "max_lora_rank": "TESSERA_MAX_LORA_RANK",
     "target_modules": "TESSERA_TARGET_MODULES",
+    "predictor_service_account": "TESSERA_PREDICTOR_SERVICE_ACCOUNT",
 }
 _JSON_FIELDS = {"target_modules"}
 
@@ -63,6 +64,9 @@ class OperatorConfig(BaseModel):
     serving_runtime_kind: RuntimeKind = "tessera"
     max_lora_rank: int = Field(64, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_TARGET_MODULES), min_length=1)
+    # The predictors' ServiceAccount (the chart makes it in every job namespace): the only identity granted
+    # TokenReview and SubjectAccessReview, which inference access control needs. None: the namespace's default.
+    predictor_service_account: str | None = None
 
     def runtime_profile(self) -> RuntimeProfile:
         return RuntimeProfile(self.serving_runtime_kind, self.max_lora_rank, None, frozenset(self.target_modules))

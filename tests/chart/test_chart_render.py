@@ -442,7 +442,7 @@ def test_vllm_runtime_flags_derive_from_values() -> None:
     assert {option: values for option, values in args.items() if option not in ("--host", "--served-model-name")} \
         == {"--port": ["8080"], "--enable-lora": [""], "--max-loras": ["4"], "--max-lora-rank": ["16"],
             "--max-cpu-loras": ["12"], "--gpu-memory-utilization": ["0.85"], "--max-model-len": ["4096"],
-            "--middleware": ["tessera_adapter_guard.LoopbackOnlyAdapterApi"]}
+            "--middleware": ["tessera_access.middleware.AccessControl", "tessera_access.guard.LoopbackOnlyAdapterApi"]}
     # KServe fills {{.Name}} with the InferenceService's name, as its own vLLM runtime does.
     assert args["--served-model-name"] == ["{{.Name}}"]
     assert env_of(container)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
@@ -555,22 +555,25 @@ def test_predictor_pod_of_the_operators_inference_service_is_a_valid_pod(combina
         assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes, container["name"]
 
 
-def test_vllm_loads_the_adapter_api_guard_from_a_configmap_in_every_job_namespace() -> None:
-    """vLLM's adapter API shares its inference port: the guard (tessera/agent/guard.py) refuses it to
-    anyone but the agent in the pod; the chart carries the module itself, unchanged."""
+def test_vllm_loads_the_access_middlewares_from_a_configmap_in_every_job_namespace() -> None:
+    """vLLM's adapter API shares its inference port, and its OpenAI routes need the same access rules
+    as Tessera's server: the chart carries tessera/access itself, unchanged, as the package
+    `tessera_access` (access control, and the guard that keeps the adapter API to the pod's agent)."""
     docs = render({"jobNamespaces": ["research", "risk"]})
-    guard = (REPO / "platform" / "tessera" / "agent" / "guard.py").read_text()
+    package = {path.name: path.read_text() for path in (REPO / "platform" / "tessera" / "access").glob("*.py")}
+    assert {"__init__.py", "guard.py", "middleware.py"} <= set(package)
     configmaps = {c["metadata"]["namespace"]: c for c in of_kind(docs, "ConfigMap")
-                  if c["metadata"]["name"] == "tessera-vllm-adapter-guard"}
+                  if c["metadata"]["name"] == "tessera-vllm-access"}
     assert set(configmaps) == {"research", "risk"}
-    assert all(c["data"] == {"tessera_adapter_guard.py": guard} for c in configmaps.values())
+    assert all(c["data"] == package for c in configmaps.values())
     spec = runtime(docs)["spec"]
     container = runtime_container(docs)
-    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "adapter-guard"]
-    assert env_of(container)["PYTHONPATH"] == mount["mountPath"] and mount["readOnly"] is True
-    (volume,) = [v for v in spec["volumes"] if v["name"] == "adapter-guard"]
-    assert volume["configMap"] == {"name": "tessera-vllm-adapter-guard"}
-    assert of_kind(render({"serving.vllm.enabled": False, "serving.runtime": "tessera"}), "ConfigMap") == []
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "access"]
+    assert mount["mountPath"] == env_of(container)["PYTHONPATH"] + "/tessera_access" and mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "access"]
+    assert volume["configMap"] == {"name": "tessera-vllm-access"}
+    assert [c for c in of_kind(render({"serving.vllm.enabled": False, "serving.runtime": "tessera"}), "ConfigMap")
+            if c["metadata"]["name"] == "tessera-vllm-access"] == []
 
 
 def test_choosing_a_disabled_runtime_is_refused() -> None:

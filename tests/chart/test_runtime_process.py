@@ -43,10 +43,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_tiny(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+# Keys mode: no API server for TokenReview here. The pod's own callers (the agent, the probes) need no key.
+VALUES = {"auth.mode": "keys"}
+
+
 def pod() -> dict[str, dict[str, Any]]:
-    spec = one([d for d in render() if d["kind"] == "ClusterServingRuntime" and d["metadata"]["name"] == "tessera"],
-               "ClusterServingRuntime")["spec"]
+    spec = one([d for d in render(VALUES) if d["kind"] == "ClusterServingRuntime"
+                and d["metadata"]["name"] == "tessera"], "ClusterServingRuntime")["spec"]
     return {c["name"]: c for c in spec["containers"]}
+
+
+def access_files(root: Path) -> dict[str, Path]:
+    """The quota ConfigMap as the chart renders it, and a keys file (the Secret an admin creates)."""
+    (quotas,) = [d for d in render(VALUES) if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tessera-quotas"]
+    (root / "quotas").mkdir()
+    (root / "quotas" / "quotas.json").write_text(quotas["data"]["quotas.json"])
+    (root / "keys").mkdir()
+    (root / "keys" / "keys.json").write_text(json.dumps({"keys": {}, "grants": []}))
+    return {"/etc/tessera/quotas": root / "quotas", "/etc/tessera/keys": root / "keys"}
 
 
 def local_command(container: dict[str, Any], paths: dict[str, Path], ports: dict[int, int]) -> list[str]:
@@ -82,7 +96,7 @@ def start_pod(tiny_model: Path, tmp_path: Path, s3_server: str) -> Iterator[Any]
     def start() -> tuple[dict[str, dict[str, Any]], dict[int, int], Path]:
         containers = pod()
         server, agent = containers["kserve-container"], containers["adapter-agent"]
-        paths = {"/mnt/models": tiny_model, "/mnt/adapters": tmp_path / "adapters"}
+        paths = {"/mnt/models": tiny_model, "/mnt/adapters": tmp_path / "adapters", **access_files(tmp_path)}
         (tmp_path / "adapters").mkdir()
         ports = {p["containerPort"]: _unused_port() for c in (server, agent) for p in c["ports"]}
         for container in (server, agent):

@@ -224,5 +224,46 @@ tolerations:
   {{- end }}
 {{- end -}}
 
-{{/* The ConfigMap, in every job namespace, that carries the adapter API guard into vLLM's pods. */}}
-{{- define "tessera.vllmGuardConfigMap" -}}tessera-vllm-adapter-guard{{- end -}}
+{{/* The ConfigMap, in every job namespace, that carries tessera/access (access control and the
+     adapter API guard) into vLLM's pods. */}}
+{{- define "tessera.vllmAccessConfigMap" -}}tessera-vllm-access{{- end -}}
+
+{{/* Inference access settings of a runtime container, as the environment vLLM's middleware reads
+     (tessera serve takes the same as flags). */}}
+{{- define "tessera.accessEnv" -}}
+- name: TESSERA_AUTH_MODE
+  value: {{ .Values.auth.mode | quote }}
+{{- if eq .Values.auth.mode "keys" }}
+- name: TESSERA_API_KEYS
+  value: /etc/tessera/keys/keys.json
+{{- end }}
+- name: TESSERA_QUOTAS
+  value: /etc/tessera/quotas/quotas.json
+{{- if .Values.audit.includeContent }}
+- name: TESSERA_AUDIT_INCLUDE_CONTENT
+  value: "true"
+{{- end }}
+{{- end -}}
+
+{{/* The quota ConfigMap and, in keys mode, the keys Secret, as a runtime container's mounts. */}}
+{{- define "tessera.accessMounts" -}}
+- name: quotas
+  mountPath: /etc/tessera/quotas
+  readOnly: true
+{{- if eq .Values.auth.mode "keys" }}
+- name: api-keys
+  mountPath: /etc/tessera/keys
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "tessera.accessVolumes" -}}
+- name: quotas
+  configMap:
+    name: tessera-quotas
+{{- if eq .Values.auth.mode "keys" }}
+- name: api-keys
+  secret:
+    secretName: {{ .Values.auth.keysSecret }}
+{{- end }}
+{{- end -}}

@@ -65,10 +65,25 @@ def serve_command(
         help="Open client connections at most; more are answered 503 and closed."),
     adapter_api_loopback_only: bool = typer.Option(_default("adapter_api_loopback_only"),
         help="Answer load/unload only to callers on this pod's loopback (the adapter agent); 403 to others."),
+    auth_mode: str = typer.Option(_default("auth_mode"), help="Who may call which model: kubernetes (TokenReview "
+        "and SubjectAccessReview `use` on adapters.tessera.dev), keys (--api-keys) or none. Needed off loopback."),
+    api_keys: Path = typer.Option(_default("api_keys"), help="Keys file for --auth-mode keys (a mounted Secret)."),
+    quotas_file: Path = typer.Option(_default("quotas_file"),
+        help="Quotas per subject and group: tokens per minute, concurrent requests (JSON)."),
+    auth_namespace: str = typer.Option(_default("auth_namespace"),
+        help="Namespace adapters are authorized in (default: this pod's)."),
+    audit_include_content: bool = typer.Option(_default("audit_include_content"),
+        help="Write prompts into the audit lines, not only their SHA-256."),
+    audit_file: Path = typer.Option(_default("audit_file"), help="Audit lines to this file instead of stdout."),
+    kube_api_url: str = typer.Option(_default("kube_api_url"),
+        help="Kubernetes API for TokenReview and SubjectAccessReview (default: in-cluster)."),
+    kube_token_file: Path = typer.Option(_default("kube_token_file"), help="Token presented to that API."),
 ) -> None:
     """Serve a base model and hot-loaded LoRA adapters (OpenAI, vLLM adapter API, KServe v1/v2)."""
     from pydantic import ValidationError
 
+    from tessera.access.identity import KeysFileError
+    from tessera.access.quota import QuotaFileError
     from tessera.errors import InvalidSpecError
     from tessera.redact import install_log_redaction
     from tessera.serve.app import serve
@@ -85,8 +100,14 @@ def serve_command(
             adapter_api_loopback_only=adapter_api_loopback_only, max_prompt_tokens=max_prompt_tokens,
             max_response_bytes=max_response_bytes, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
             max_connections=max_connections,
+            auth_mode=auth_mode, api_keys=api_keys,
+            quotas_file=quotas_file, auth_namespace=auth_namespace, audit_include_content=audit_include_content,
+            audit_file=audit_file, kube_api_url=kube_api_url, kube_token_file=kube_token_file,
         )
     except ValidationError as error:
         raise InvalidSpecError([f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()],
                                source="tessera serve") from None
-    serve(settings)
+    try:
+        serve(settings)
+    except (KeysFileError, QuotaFileError) as error:
+        raise InvalidSpecError([str(error)], source="tessera serve") from None

@@ -20,6 +20,8 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from tessera.access.middleware import AccessControl
+from tessera.access.settings import AccessPolicy
 from tessera.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ def build_server(settings: ServeSettings) -> Server:
     from tessera.serve.runtime.registry import AdapterRegistry
     from tessera.serve.runtime.service import ModelService, RequestLimits
 
+    # Who may call which model, built before the model loads: a bad keys or quota file stops the start.
+    access_policy = AccessPolicy.build(settings.access_settings(settings.served_model_name))
     # A cache directory of our own (no --cache-dir) holds a downloaded base model: removed at exit.
     own_cache = settings.cache_dir is None
     cache_dir = settings.cache_dir or Path(tempfile.mkdtemp(prefix="tessera-serve-"))
@@ -64,6 +68,7 @@ def build_server(settings: ServeSettings) -> Server:
             shutil.rmtree(cache_dir, ignore_errors=True)
         raise
     served_name = settings.served_model_name or base.name or base.directory.name
+    access_policy.base = served_name
     spec = ServedBase.of(base.model, base.name)
     lora = LoraSlots(base.model, settings.max_loras + 1, base.dtype, base.device)
     engine = Engine(
@@ -118,9 +123,10 @@ def build_server(settings: ServeSettings) -> Server:
     # Middlewares, innermost first: the body limit, then the one request path (id, timing, counter)
     # that every request passes, then the caller checks, outermost so a refused caller's body is never read.
     app.add_middleware(limit_body_size, max_bytes=limits.max_request_bytes)
+    app.add_middleware(AccessControl, policy=access_policy)
     app.add_middleware(RequestPath, label_of=service.metric_label)
     if settings.adapter_api_loopback_only:
-        from tessera.agent.guard import LoopbackOnlyAdapterApi
+        from tessera.access.guard import LoopbackOnlyAdapterApi
 
         app.add_middleware(LoopbackOnlyAdapterApi)
     app.include_router(openai_router(service))

@@ -6,9 +6,11 @@ Light on purpose (pydantic only): the CLI reads its defaults from here without i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
+from tessera.access.settings import AccessSettings
 from tessera.serve.runtime.base_model import DType, Quantization
 
 
@@ -47,3 +49,31 @@ class ServeSettings(BaseModel):
     adapter_api_loopback_only: bool = Field(
         False, description="Answer the adapter API (vLLM's load/unload, KServe's repository load/unload) only to "
                            "callers on this pod's loopback, as the adapter agent beside the server is.")
+    # Inference access (tessera.access): who may call which model, quotas, the audit trail.
+    auth_mode: Literal["kubernetes", "keys", "none"] | None = Field(
+        None, description="kubernetes (TokenReview + SubjectAccessReview), keys (--api-keys) or none. Unset: none "
+                          "when bound to loopback only, refused on any other address.")
+    api_keys: Path | None = Field(None, description="Keys file (JSON: key SHA-256 -> subject, groups; grants).")
+    quotas_file: Path | None = Field(None, description="Quotas per subject and group (JSON; see tessera.access.quota).")
+    auth_namespace: str | None = Field(None, description="Namespace adapters are authorized in; default: the pod's.")
+    audit_include_content: bool = Field(False, description="Write prompts into the audit lines (not only hashes).")
+    audit_file: Path | None = Field(None, description="Audit lines go to this file instead of stdout.")
+    kube_api_url: str | None = Field(None, description="Kubernetes API for the reviews; default: in-cluster.")
+    kube_token_file: Path | None = Field(None, description="Token this server presents to that API.")
+
+    @model_validator(mode="after")
+    def _auth_chosen(self):
+        if self.auth_mode is None and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"serving on {self.host} needs --auth-mode: kubernetes, keys, or none (anyone who "
+                             "reaches the port may then use every model)")
+        if self.auth_mode == "keys" and self.api_keys is None:
+            raise ValueError("--auth-mode keys needs --api-keys (the keys file)")
+        return self
+
+    def access_settings(self, base: str | None = None) -> AccessSettings:
+        return AccessSettings(
+            mode=self.auth_mode or "none", api_keys_file=self.api_keys, quotas_file=self.quotas_file,
+            namespace=self.auth_namespace, audit_include_content=self.audit_include_content,
+            audit_file=self.audit_file, kube_api_url=self.kube_api_url, kube_token_file=self.kube_token_file,
+            # Twice the server's own limit: bodies in between reach its limit_body_size and get its 413.
+            max_body_bytes=2 * self.max_request_bytes + (64 << 10), base=base)

@@ -1,5 +1,5 @@
-"""The adapter API guard vLLM loads with --middleware: the adapter agent in the pod (loopback) may
-load and unload, any other caller gets 403, and every other path is untouched. The app it wraps
+"""The adapter API guard (tessera/access/guard.py) vLLM loads with --middleware: the adapter agent in the
+pod (loopback) may load and unload, any other caller gets 403, and every other path is untouched. The app it wraps
 is a FastAPI app with vLLM's adapter routes, added with `app.add_middleware` as vLLM adds a class
 given to --middleware; vLLM itself cannot run here."""
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
-from tessera.agent.guard import LoopbackOnlyAdapterApi
+from tessera.access.guard import LoopbackOnlyAdapterApi
 
 from tests.chart.helm import of_kind, render
 
@@ -65,16 +65,23 @@ def test_inference_is_open_to_the_callers_the_network_policy_admits() -> None:
     assert (call("10.4.2.7", "/v1/completions")).json()["choices"][0]["text"] == "ok"
 
 
-def test_the_configmap_module_imports_by_its_middleware_path_with_the_standard_library_only(tmp_path: Path) -> None:
-    """What vLLM does with --middleware=tessera_adapter_guard.LoopbackOnlyAdapterApi, with the file
-    the chart renders into its ConfigMap on PYTHONPATH."""
+def test_the_configmap_package_imports_by_its_middleware_paths_without_tessera_or_fastapi(tmp_path: Path) -> None:
+    """What vLLM does with --middleware=tessera_access.guard.LoopbackOnlyAdapterApi and
+    --middleware=tessera_access.middleware.AccessControl, with the files the chart renders into its
+    ConfigMap mounted as the directory tessera_access on PYTHONPATH."""
     docs = render()
-    (configmap,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "tessera-vllm-adapter-guard"]
-    (tmp_path / "tessera_adapter_guard.py").write_text(configmap["data"]["tessera_adapter_guard.py"])
-    probe = ("import importlib, sys; m = importlib.import_module('tessera_adapter_guard'); "
-             "cls = getattr(m, 'LoopbackOnlyAdapterApi'); assert isinstance(cls, type); "
-             "print(sorted(n for n in sys.modules if n.startswith(('tessera', 'fastapi', 'starlette'))))")
+    (configmap,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "tessera-vllm-access"]
+    package = tmp_path / "tessera_access"
+    package.mkdir()
+    for name, text in configmap["data"].items():
+        (package / name).write_text(text)
+    probe = ("import importlib, sys; "
+             "classes = [getattr(importlib.import_module(m), c) for m, c in (('tessera_access.guard', "
+             "'LoopbackOnlyAdapterApi'), ('tessera_access.middleware', 'AccessControl'))]; "
+             "assert all(isinstance(c, type) for c in classes); "
+             "print(sorted(n for n in sys.modules if n.startswith(('tessera', 'fastapi', 'starlette', 'kubernetes'))))")
     result = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
                              + probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['tessera_adapter_guard']"
+    assert result.stdout.strip().startswith("['tessera_access'") and "fastapi" not in result.stdout
+    assert "'tessera'" not in result.stdout and "kubernetes" not in result.stdout

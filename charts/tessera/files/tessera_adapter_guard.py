@@ -1,1 +1,0 @@
-../../../platform/tessera/agent/guard.py
