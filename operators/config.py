@@ -44,6 +44,7 @@ _ENV = {
     "max_inference_services": "TESSERA_MAX_INFERENCE_SERVICES",
     "max_namespace_operations": "TESSERA_MAX_NAMESPACE_OPERATIONS",
     "adapter_load_timeout": "TESSERA_ADAPTER_LOAD_TIMEOUT",
+    "max_workers": "TESSERA_MAX_WORKERS",
 }
 _JSON_FIELDS = {"target_modules", "tenancy_roots", "shared_prefixes", "allowed_tolerations",
                 "allowed_node_selectors", "allowed_priority_classes"}
@@ -92,6 +93,8 @@ class OperatorConfig(BaseModel):
     # submission) running at once per namespace: one tenant never holds every worker.
     max_inference_services: int = Field(2, ge=0)
     max_namespace_operations: int = Field(4, ge=1)
+    # kopf's worker threads for synchronous handlers, shared by every namespace.
+    max_workers: int = Field(16, ge=1)
     # Seconds one adapter API call to a replica may take before the operator retries it later.
     adapter_load_timeout: float = Field(15.0, gt=0)
 

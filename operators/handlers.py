@@ -96,7 +96,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # The client logs response bodies at DEBUG, Secrets included: never let them reach a log.
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
     logging.getLogger("httpcore").setLevel(logging.INFO)
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = CONFIG.max_workers
     install_log_redaction()  # kopf's handlers are on the root logger by now
     install_log_redaction(logging.getLogger("kopf.objects"))  # kopf posts these records as Events
     memo.config = CONFIG
