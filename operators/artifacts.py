@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tessera.api import FineTuneJob
-from tessera.api.paths import eval_report_key, progress_key, published_key
+from tessera.api.paths import eval_report_key, job_prefix, progress_key, published_key
 from tessera.errors import ObjectNotFoundError, StoreError
 from tessera.store import RetryPolicy, S3Config, S3Store, Store, join_key, open_store
 
@@ -57,4 +57,11 @@ def read_job_artifacts(job: FineTuneJob, credentials: dict[str, str] | None,
     )
 
 
-__all__ = ["ArtifactSnapshot", "StoreError", "open_job_store", "read_job_artifacts"]
+def delete_job_artifacts(job: FineTuneJob, credentials: dict[str, str] | None) -> None:
+    """Remove the job's prefix (prepared data, checkpoints, evaluation, logs). Published adapters
+    live under `adapters/` and stay. Raises StoreError."""
+    store, root = open_job_store(job.spec.store.uri, credentials)
+    store.delete(join_key(root, job_prefix(job)), recursive=True, missing_ok=True)
+
+
+__all__ = ["ArtifactSnapshot", "StoreError", "delete_job_artifacts", "open_job_store", "read_job_artifacts"]

@@ -18,13 +18,15 @@ Ownership, and why:
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import yaml
 from tessera.agent.rules import job_problems
-from tessera.api import GROUP, VERSION, Adapter, FineTuneJob, parse_resource
+from tessera.api import GROUP, VERSION, Adapter, FineTuneJob, parse_resource, tenancy
 from tessera.api.finetunejob import LAUNCHERS
-from tessera.api.naming import dns_label
+from tessera.api.naming import dns_label, inference_service_for
+from tessera.api.tenancy import PolicyError
 from tessera.errors import InvalidSpecError
 from tessera_operator.config import OperatorConfig
 from tessera_pipelines.finetune import render_training_objects
@@ -87,7 +89,31 @@ def effective_job(body: dict[str, Any], config: OperatorConfig) -> FineTuneJob:
     problems = job_problems(resource.spec, config.runtime_profile()) if resource.spec.serving.enabled else []
     if problems:
         raise InvalidSpecError(problems)
+    check_tenancy(resource, config)
     return resource
+
+
+def check_tenancy(resource: FineTuneJob | Adapter, config: OperatorConfig) -> None:
+    """The installation's tenancy policy (see tessera.api.tenancy): raises PolicyError with the reason
+    the status and the Event give."""
+    rules = config.tenancy_rules()
+    is_adapter = isinstance(resource, Adapter)
+    outside = tenancy.adapter_problems(resource, rules) if is_adapter else tenancy.job_problems(resource, rules)
+    if outside:
+        raise PolicyError(outside, "OutsideTenantPrefixes")
+    if not is_adapter:
+        scheduling = resource.spec.scheduling
+        refused = config.scheduling_allowlist().problems(scheduling.node_selector, scheduling.tolerations,
+                                                         scheduling.priority_class_name)
+        if refused:
+            raise PolicyError(refused, "SchedulingNotAllowed")
+    # Only the per-base InferenceService the operator manages: never one a tenant names (another
+    # team's, or a new GPU predictor under any name).
+    named, base = resource.spec.serving.inference_service, resource.spec.base_model.uri
+    if rules.enforced and named and named != inference_service_for(base):
+        raise PolicyError([f"spec.serving.inferenceService: {named} is not the InferenceService this installation "
+                           f"manages for base model {base} ({inference_service_for(base)}); leave it unset"],
+                          "InferenceServiceNotAllowed")
 
 
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
@@ -132,13 +158,25 @@ def frozen_manifest(job: FineTuneJob) -> dict[str, Any]:
 
 
 def build_job_configmap(job: FineTuneJob, owner: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ConfigMap every step and training pod mounts at /config: the spec frozen at submission."""
+    """The ConfigMap every step and training pod mounts at /config: the spec frozen at submission.
+
+    Immutable: nobody can edit it in place; one deleted and made again under its name is told apart
+    by its digest, which the job's status records at submission (`frozen_digest`)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _job_metadata(job, owner),
+        "immutable": True,
         "data": {JOB_CONFIG_KEY: yaml.safe_dump(frozen_manifest(job), sort_keys=False)},
     }
+
+
+def frozen_digest(configmap: dict[str, Any]) -> str | None:
+    """sha256 of a job ConfigMap's frozen manifest; None when it is not an immutable one with that key."""
+    text = (configmap.get("data") or {}).get(JOB_CONFIG_KEY)
+    if not configmap.get("immutable") or not isinstance(text, str):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def eval_pod_spec_patch(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:

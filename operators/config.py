@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tessera.agent.rules import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
 from tessera.api.finetunejob import Launcher
+from tessera.api.tenancy import DEFAULT_SHARED_PREFIXES, SchedulingAllowlist, TenancyRules
 from tessera_pipelines.interface import (
     DEFAULT_GPU_RESOURCE,
     DEFAULT_IMAGE,
@@ -33,8 +35,20 @@ _ENV = {
     "max_lora_rank": "TESSERA_MAX_LORA_RANK",
     "target_modules": "TESSERA_TARGET_MODULES",
     "predictor_service_account": "TESSERA_PREDICTOR_SERVICE_ACCOUNT",
+    # Tenancy (the chart's tenancy.* values; docs/install.md, "Multi-tenant").
+    "tenancy": "TESSERA_TENANCY",
+    "tenancy_roots": "TESSERA_TENANCY_ROOTS",
+    "shared_prefixes": "TESSERA_SHARED_PREFIXES",
+    "allowed_tolerations": "TESSERA_ALLOWED_TOLERATIONS",
+    "allowed_node_selectors": "TESSERA_ALLOWED_NODE_SELECTORS",
+    "allowed_priority_classes": "TESSERA_ALLOWED_PRIORITY_CLASSES",
+    "max_inference_services": "TESSERA_MAX_INFERENCE_SERVICES",
+    "max_namespace_operations": "TESSERA_MAX_NAMESPACE_OPERATIONS",
+    "adapter_load_timeout": "TESSERA_ADAPTER_LOAD_TIMEOUT",
+    "max_workers": "TESSERA_MAX_WORKERS",
 }
-_JSON_FIELDS = {"target_modules"}
+_JSON_FIELDS = {"target_modules", "tenancy_roots", "shared_prefixes", "allowed_tolerations",
+                "allowed_node_selectors", "allowed_priority_classes"}
 
 
 class OperatorConfig(BaseModel):
@@ -67,6 +81,37 @@ class OperatorConfig(BaseModel):
     # The predictors' ServiceAccount (the chart makes it in every job namespace): the only identity granted
     # TokenReview and SubjectAccessReview, which inference access control needs. None: the namespace's default.
     predictor_service_account: str | None = None
+
+    # A namespace is a tenant: the URIs its objects name lie under its prefixes of these store roots
+    # (empty: the store_uri) or the shared read-only prefixes. False only by the admin's explicit choice.
+    # (The chart sets both; with neither there is no store to divide, and nothing is enforced.)
+    tenancy: bool = True
+    tenancy_roots: list[str] = Field(default_factory=list)
+    shared_prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_SHARED_PREFIXES))
+    # What a FineTuneJob's spec.scheduling may ask for: exactly these tolerations, these values per
+    # node label, these priority classes. Empty: none (pods go where the installation puts them).
+    allowed_tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    allowed_node_selectors: dict[str, list[str]] = Field(default_factory=dict)
+    allowed_priority_classes: list[str] = Field(default_factory=list)
+    # InferenceServices the operator creates per namespace, and operations (an adapter load, a
+    # submission) running at once per namespace: one tenant never holds every worker.
+    max_inference_services: int = Field(2, ge=0)
+    max_namespace_operations: int = Field(4, ge=1)
+    # kopf's worker threads for synchronous handlers, shared by every namespace.
+    max_workers: int = Field(16, ge=1)
+    # Seconds one adapter API call to a replica may take before the operator retries it later.
+    adapter_load_timeout: float = Field(15.0, gt=0)
+
+    def tenancy_rules(self) -> TenancyRules:
+        """The tenancy rules; off when the admin turned them off, or when the installation names no store
+        (the chart always names one: `tessera render` on a laptop does not)."""
+        roots = self.tenancy_roots or ([self.store_uri] if self.store_uri else [])
+        return TenancyRules(tuple(roots), tuple(self.shared_prefixes), enforced=self.tenancy and bool(roots))
+
+    def scheduling_allowlist(self) -> SchedulingAllowlist:
+        return SchedulingAllowlist(tuple(self.allowed_tolerations),
+                                   {key: tuple(values) for key, values in self.allowed_node_selectors.items()},
+                                   tuple(self.allowed_priority_classes))
 
     def runtime_profile(self) -> RuntimeProfile:
         return RuntimeProfile(self.serving_runtime_kind, self.max_lora_rank, None, frozenset(self.target_modules))

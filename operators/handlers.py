@@ -28,19 +28,25 @@ from typing import Any
 import kopf
 from tessera.api import API_VERSION, GROUP, VERSION, Adapter, FineTuneJob, parse_resource
 from tessera.api import TERMINAL_PHASES as TERMINAL
+from tessera.api.paths import job_prefix
+from tessera.api.tenancy import PolicyError
 from tessera.errors import InvalidSpecError, StoreError
 from tessera.redact import install_log_redaction, redact
 from tessera.safe_yaml import safe_load
-from tessera_operator.artifacts import read_job_artifacts
+from tessera_operator.artifacts import delete_job_artifacts, read_job_artifacts
 from tessera_operator.builders import (
     ISVC_LABEL,
     JOB_CONFIG_KEY,
+    LABEL_MANAGED_BY,
+    MANAGER,
     TRAINING_KINDS,
     build_adapter,
     build_inference_service,
     build_job_configmap,
     build_workflow,
+    check_tenancy,
     effective_job,
+    frozen_digest,
     launcher_of,
     owner_reference,
     submitted_generation,
@@ -48,6 +54,7 @@ from tessera_operator.builders import (
     workflow_name,
 )
 from tessera_operator.config import OperatorConfig
+from tessera_operator.fairness import NamespaceSlots
 from tessera_operator.kube import Kube, Rejected, Transient, load_config
 from tessera_operator.serving import (
     AdapterApi,
@@ -89,12 +96,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # The client logs response bodies at DEBUG, Secrets included: never let them reach a log.
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
     logging.getLogger("httpcore").setLevel(logging.INFO)
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = CONFIG.max_workers
     install_log_redaction()  # kopf's handlers are on the root logger by now
     install_log_redaction(logging.getLogger("kopf.objects"))  # kopf posts these records as Events
     memo.config = CONFIG
     memo.kube = Kube(load_config())
-    memo.adapter_api = AdapterApi()
+    memo.adapter_api = AdapterApi(timeout=CONFIG.adapter_load_timeout)
+    memo.slots = NamespaceSlots(CONFIG.max_namespace_operations)
 
 
 @contextlib.contextmanager
@@ -140,8 +148,9 @@ def _submit(body: Any, status: dict[str, Any], patch: kopf.Patch, memo: kopf.Mem
         job = effective_job(dict(body), memo.config)
     except InvalidSpecError as error:
         message = "; ".join(error.problems)
+        code = error.reason if isinstance(error, PolicyError) else "InvalidSpec"
         patch.status["observedGeneration"] = body["metadata"].get("generation")
-        _fail(body, patch, status, "InvalidSpec", message, (condition("SpecValid", False, "InvalidSpec", message),))
+        _fail(body, patch, status, code, message, (condition("SpecValid", False, code, message),))
         return
     owner = owner_reference(dict(body))
     kube: Kube = memo.kube
@@ -155,10 +164,17 @@ def _submit(body: Any, status: dict[str, Any], patch: kopf.Patch, memo: kopf.Mem
             [condition("SpecValid", True, "Valid"), _credentials_condition(body, status, problem)], _now())})
         # Not Failed: creating the Secret is enough to go on, and kopf retries this handler.
         raise kopf.TemporaryError(problem, delay=min(CONFIG.poll_seconds * 3, 30))
+    configmap = build_job_configmap(job, owner)
     try:
         with _failing("submitting the job"):
-            for child in (build_job_configmap(job, owner), build_workflow(job, memo.config, owner)):
+            for child in (configmap, build_workflow(job, memo.config, owner)):
                 existing, created = kube.create(child)
+                if child is configmap and not created and frozen_digest(existing) != frozen_digest(configmap):
+                    # Made by someone else under the job's name (anyone who can write ConfigMaps in the
+                    # namespace can set an ownerReference): never run a spec the operator did not validate.
+                    _fail(body, patch, status, "FrozenSpecMismatch", f"ConfigMap {name} exists and is not the "
+                          "immutable spec the operator would write for this job; delete it (or rename the job)")
+                    return
                 generation = submitted_generation(existing) or generation
                 owned = created or _owned_by(existing, body)
                 if owned is False:
@@ -175,6 +191,7 @@ def _submit(body: Any, status: dict[str, Any], patch: kopf.Patch, memo: kopf.Mem
     patch.status.update({
         "phase": "Queued",
         "workflowRef": {"name": name},
+        "specDigest": frozen_digest(configmap),
         # The generation that runs: an earlier one if the Workflow existed already (a retried submit).
         "observedGeneration": generation,
         "startTime": status.get("startTime") or now,
@@ -192,18 +209,21 @@ def _submit(body: Any, status: dict[str, Any], patch: kopf.Patch, memo: kopf.Mem
 
 @kopf.on.resume(*FINETUNEJOBS)
 @kopf.on.create(*FINETUNEJOBS)
-def submit(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+def submit(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, retry: int = 0,
+           **_: Any) -> None:
     """Validate a new job and start its Workflow; on resume, only jobs not yet submitted."""
     if status.get("phase") in TERMINAL or status.get("workflowRef"):
         return
-    _submit(body, dict(status), patch, memo)
+    with memo.slots.slot(body["metadata"]["namespace"], retry):
+        _submit(body, dict(status), patch, memo)
 
 
 @kopf.on.update(*FINETUNEJOBS, field="spec")
 def spec_changed(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
-                 diff: kopf.Diff, **_: Any) -> None:
+                 diff: kopf.Diff, retry: int = 0, **_: Any) -> None:
     if not status.get("workflowRef"):
-        _submit(body, dict(status), patch, memo)  # never ran: the new spec gets its chance
+        with memo.slots.slot(body["metadata"]["namespace"], retry):
+            _submit(body, dict(status), patch, memo)  # never ran: the new spec gets its chance
         return
     fields = sorted({".".join(("spec", *map(str, d[1]))) for d in diff}) or ["spec"]
     message = (f"spec is immutable once the job is submitted; not applied: {', '.join(fields)}. The job goes on "
@@ -219,18 +239,38 @@ def _running(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") not in TERMINAL
 
 
-def _frozen_job(body: kopf.Body, memo: kopf.Memo, kube: Kube) -> FineTuneJob:
-    """The job as submitted (its ConfigMap), not as it may have been edited since."""
-    job = memo.get("job")
-    if isinstance(job, FineTuneJob) and job.metadata.name == body["metadata"]["name"]:
-        return job
-    configmap = kube.get("v1", "ConfigMap", body["metadata"]["namespace"], workflow_name(body["metadata"]["name"]))
-    if configmap is None:
-        job = effective_job(dict(body), memo.config)
+class FrozenSpecTampered(Exception):
+    """The job's ConfigMap is not the one the operator wrote at submission."""
+
+
+def _frozen_job(body: kopf.Body, status: dict[str, Any], memo: kopf.Memo, kube: Kube) -> FineTuneJob:
+    """The job as submitted (its ConfigMap), not as it may have been edited since.
+
+    Who the job is (name, namespace) comes from the FineTuneJob, never from the ConfigMap: anyone who
+    may write ConfigMaps in the namespace could write one. Its content is used only while its digest
+    is the one recorded in the job's status at submission; else FrozenSpecTampered. Read on every
+    look (one GET), so a ConfigMap deleted and made again is seen at once."""
+    meta = body["metadata"]
+    configmap = kube.get("v1", "ConfigMap", meta["namespace"], workflow_name(meta["name"]))
+    recorded = status.get("specDigest")
+    if configmap is None or (recorded is None and frozen_digest(configmap) is None):
+        job = effective_job(dict(body), memo.config)  # gone, or written before digests were recorded
     else:
-        resource = parse_resource(safe_load(configmap["data"][JOB_CONFIG_KEY]))
-        job = resource if isinstance(resource, FineTuneJob) else effective_job(dict(body), memo.config)
-    memo.job = job
+        if recorded is not None and frozen_digest(configmap) != recorded:
+            raise FrozenSpecTampered(f"ConfigMap {configmap['metadata']['name']} was changed after submission (its "
+                                     "digest is not the one in status.specDigest); the operator no longer reads it")
+        document = safe_load(configmap["data"][JOB_CONFIG_KEY])
+        written = document.get("metadata") if isinstance(document, dict) else None
+        if not isinstance(written, dict) or (written.get("name"), written.get("namespace")) != (
+                meta["name"], meta["namespace"]):
+            raise FrozenSpecTampered(f"ConfigMap {configmap['metadata']['name']} names another job; the operator "
+                                     "no longer reads it")
+        document["metadata"] = {"name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")}
+        resource = parse_resource(document)
+        if not isinstance(resource, FineTuneJob):
+            raise FrozenSpecTampered(f"ConfigMap {configmap['metadata']['name']} holds a {resource.kind}")
+        check_tenancy(resource, memo.config)
+        job = resource
     return job
 
 
@@ -310,7 +350,12 @@ def _serve(body: kopf.Body, job: FineTuneJob, obs: Observation, kube: Kube) -> l
     if created:
         kopf.info(body, reason="AdapterCreated", message=f"Adapter {name} created: {decision.message}")
     elif existing.get("spec", {}).get("uri") != adapter["spec"]["uri"]:
-        # A newer job publishing under the same adapter name supersedes the served version.
+        if not _published_here(existing, job):
+            message = (f"Adapter {name} exists and was not published by a job of namespace {job.metadata.namespace} "
+                       f"(lineage: {lineage or 'none'}); it is left as it is: publish under another output.adapterName")
+            kopf.warn(body, reason="AdapterNotOwned", message=message)
+            return [condition("Promoted", False, "AdapterNotOwned", message)]
+        # A newer job of the namespace publishing under the same adapter name supersedes the served version.
         kube.patch(API_VERSION, "Adapter", job.metadata.namespace, name,
                    {"metadata": {"labels": adapter["metadata"]["labels"]}, "spec": adapter["spec"]})
         kopf.info(body, reason="AdapterUpdated",
@@ -318,18 +363,36 @@ def _serve(body: kopf.Body, job: FineTuneJob, obs: Observation, kube: Kube) -> l
     return conditions
 
 
+def _published_here(adapter: dict[str, Any], job: FineTuneJob) -> bool:
+    """Whether an existing Adapter is one the operator created for a job of `job`'s namespace."""
+    lineage = adapter.get("spec", {}).get("lineage", {}).get("job") or ""
+    labels = adapter.get("metadata", {}).get("labels") or {}
+    return lineage.partition("/")[0] == job.metadata.namespace and labels.get(LABEL_MANAGED_BY) == MANAGER
+
+
 @kopf.timer(*FINETUNEJOBS, interval=CONFIG.poll_seconds, initial_delay=CONFIG.poll_seconds, when=_running)
-def follow(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+def follow(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, logger: Any, retry: int = 0,
+           **_: Any) -> None:
     """Mirror the Workflow, the training job and the trainer's files into the job's status."""
+    with memo.slots.slot(body["metadata"]["namespace"], retry):
+        _follow(body, dict(status), patch, memo, logger)
+
+
+def _follow(body: kopf.Body, current: dict[str, Any], patch: kopf.Patch, memo: kopf.Memo, logger: Any) -> None:
     kube: Kube = memo.kube
-    current = dict(status)
     if not current.get("workflowRef"):
         # Submitted but not recorded (the status write failed): submitting again finds the same
         # Workflow by its name and records it.
         _submit(body, current, patch, memo)
         return
     with _failing("following the job"):
-        job = _frozen_job(body, memo, kube)
+        try:
+            job = _frozen_job(body, current, memo, kube)
+        except (FrozenSpecTampered, InvalidSpecError) as error:
+            code = "FrozenSpecTampered" if isinstance(error, FrozenSpecTampered) else getattr(
+                error, "reason", "InvalidSpec")
+            _fail(body, patch, current, code, "; ".join(getattr(error, "problems", [str(error)])))
+            return
         obs = _observe(job, memo, kube, logger)
         if obs is None:
             _fail(body, patch, current, "WorkflowDeleted",
@@ -348,6 +411,27 @@ def follow(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.M
             update.status["conditions"] = merge_conditions(update.status["conditions"], promoted, _now())
     patch.status.update(changed_fields(current, update.status))
     _emit(body, update.events)
+
+
+@kopf.on.delete(*FINETUNEJOBS, retries=5, backoff=5)
+def job_deleted(body: kopf.Body, status: kopf.Status, memo: kopf.Memo, logger: Any, retry: int = 0,
+                **_: Any) -> None:
+    """Remove the job's store prefix before it goes (a finalizer); its published adapters stay."""
+    if not status.get("workflowRef"):
+        return  # never submitted: it wrote nothing
+    try:
+        job = _frozen_job(body, dict(status), memo, memo.kube)
+    except (FrozenSpecTampered, InvalidSpecError, Transient):
+        try:
+            job = effective_job(dict(body), memo.config)  # who it is comes from the FineTuneJob either way
+        except InvalidSpecError:
+            return
+    with memo.slots.slot(job.metadata.namespace, retry), _failing("removing the job's artifacts"):
+        try:
+            delete_job_artifacts(job, _credentials(job, memo, memo.kube))
+        except (StoreError, Rejected) as error:
+            raise kopf.TemporaryError(f"removing {job_prefix(job)} from the store: {error}", delay=5) from None
+    logger.info(f"removed {job_prefix(job)} from the store")
 
 
 # -- Adapter ------------------------------------------------------------------------------------
@@ -396,54 +480,86 @@ def _sync_adapter(body: kopf.Body, adapter: Adapter, status: dict[str, Any], pat
 @kopf.on.resume(*ADAPTERS)
 @kopf.on.create(*ADAPTERS)
 @kopf.on.update(*ADAPTERS, field="spec")
-def adapter_changed(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+def adapter_changed(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, retry: int = 0,
+                    **_: Any) -> None:
     """Validate, make sure the InferenceService exists when asked to, and load where possible."""
     try:
-        adapter = parse_resource(dict(body))
+        adapter = _checked_adapter(body, memo.config)
     except InvalidSpecError as error:
-        message = "; ".join(error.problems)
-        patch.status.update({"phase": "Failed", "message": message,
-                             "observedGeneration": body["metadata"].get("generation")})
-        kopf.warn(body, reason="InvalidSpec", message=message)
+        _refuse_adapter(body, patch, getattr(error, "reason", "InvalidSpec"), "; ".join(error.problems))
         return
-    assert isinstance(adapter, Adapter)
-    with _failing("serving the adapter"):
+    with memo.slots.slot(adapter.metadata.namespace, retry), _failing("serving the adapter"):
         if adapter.spec.serving.create_inference_service:
             try:
-                _, created = memo.kube.create(build_inference_service(adapter, memo.config))
+                refusal = _ensure_inference_service(body, adapter, memo)
             except Rejected as error:
-                patch.status.update({"phase": "Failed", "message": str(error)})
-                kopf.warn(body, reason="InferenceServiceRejected", message=str(error))
+                refusal = ("InferenceServiceRejected", str(error))
+            if refusal is not None:
+                _refuse_adapter(body, patch, *refusal)
                 return
-            if created:
-                kopf.info(body, reason="InferenceServiceCreated", message=f"InferenceService "
-                                                                          f"{adapter.inference_service_name}")
         _sync_adapter(body, adapter, dict(status), patch, memo)
+
+
+def _checked_adapter(body: kopf.Body, config: OperatorConfig) -> Adapter:
+    adapter = parse_resource(dict(body))
+    if not isinstance(adapter, Adapter):
+        raise InvalidSpecError([f"kind: expected Adapter, found {adapter.kind}"])
+    check_tenancy(adapter, config)
+    return adapter
+
+
+def _refuse_adapter(body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> None:
+    patch.status.update({"phase": "Failed", "message": message, "reason": reason,
+                         "observedGeneration": body["metadata"].get("generation")})
+    kopf.warn(body, reason=reason, message=message)
+
+
+def _ensure_inference_service(body: kopf.Body, adapter: Adapter, memo: kopf.Memo) -> tuple[str, str] | None:
+    """Create the base model's InferenceService unless it exists; (reason, message) when refused."""
+    kube: Kube = memo.kube
+    name, namespace = adapter.inference_service_name, adapter.metadata.namespace
+    if kube.get("serving.kserve.io/v1beta1", "InferenceService", namespace, name) is not None:
+        return None
+    managed = kube.count("serving.kserve.io/v1beta1", "InferenceService", namespace, f"{LABEL_MANAGED_BY}={MANAGER}")
+    if managed >= memo.config.max_inference_services:
+        return ("InferenceServiceQuota", f"namespace {namespace} has {managed} InferenceService(s) made by Tessera, "
+                f"its limit (the chart's tenancy.maxInferenceServicesPerNamespace); InferenceService {name} "
+                "for this adapter's base model is not created: serve it on an existing base model")
+    _, created = kube.create(build_inference_service(adapter, memo.config))
+    if created:
+        kopf.info(body, reason="InferenceServiceCreated", message=f"InferenceService {name}")
+    return None
 
 
 def _valid_adapter(body: kopf.Body, **_: Any) -> bool:
     try:
-        return isinstance(parse_resource(dict(body)), Adapter)
+        _checked_adapter(body, CONFIG)
     except InvalidSpecError:
         return False
+    return True
 
 
 @kopf.timer(*ADAPTERS, interval=CONFIG.poll_seconds, when=_valid_adapter)
-def adapter_sync(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+def adapter_sync(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, retry: int = 0,
+                 **_: Any) -> None:
     """Every replica holds the adapter: load where missing (new or restarted replicas), retry failures."""
-    adapter = parse_resource(dict(body))
-    assert isinstance(adapter, Adapter)
-    with _failing("syncing the adapter"):
+    adapter = _checked_adapter(body, memo.config)
+    with memo.slots.slot(adapter.metadata.namespace, retry), _failing("syncing the adapter"):
         _sync_adapter(body, adapter, dict(status), patch, memo)
 
 
 @kopf.on.delete(*ADAPTERS, retries=5, backoff=2)
-def adapter_deleted(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+def adapter_deleted(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int = 0, **_: Any) -> None:
     """Unload from every ready replica before the Adapter goes (kopf holds a finalizer until then)."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     isvc_name = (body.get("status") or {}).get("inferenceService")
     if not isvc_name:
         return
+    with memo.slots.slot(namespace, retry):
+        _unload_everywhere(name, namespace, isvc_name, memo, logger)
+
+
+def _unload_everywhere(name: str, namespace: str, isvc_name: str, memo: kopf.Memo, logger: Any) -> None:
     with _failing("unloading the adapter"):
         pods = memo.kube.ready_pods(namespace, f"{ISVC_LABEL}={isvc_name}")
     failures = []

@@ -120,6 +120,13 @@ class Kube:
         return self._call("patching", f"{kind} {namespace}/{name}", self.custom.patch_namespaced_custom_object,
                           group, version, namespace, plural, name, patch)
 
+    def count(self, api_version: str, kind: str, namespace: str, selector: str) -> int:
+        """How many objects of a custom kind in `namespace` match the label `selector`."""
+        group, version, plural = self._gvp(api_version, kind)
+        found = self._call("listing", f"{plural} {selector} in {namespace}", self.custom.list_namespaced_custom_object,
+                           group, version, namespace, plural, label_selector=selector)
+        return len(found.get("items") or [])
+
     def ready_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         """Running pods matching `selector` whose Ready condition is True."""
         # Raw JSON: the client's models refuse pods whose optional fields they consider required.

@@ -22,7 +22,10 @@ from tessera.api import Adapter
 SERVING_CONTAINER = "kserve-container"
 # The sidecar that serves the adapter API on every predictor (tessera.agent); the operator calls it.
 AGENT_CONTAINER = "adapter-agent"
-LOAD_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+# A load that takes longer is not waited for: the handler's worker is released and the next pass
+# finds the adapter loaded (the agent finishes it) or loads it again. So no replica holds a worker long.
+LOAD_TIMEOUT_SECONDS = 15.0
+CONNECT_TIMEOUT_SECONDS = 3.0
 MAX_BACKOFF_SECONDS = 300.0
 
 
@@ -86,8 +89,9 @@ def _message(response: httpx.Response) -> str:
 class AdapterApi:
     """The adapter API of one kind of server (Tessera's or vLLM's), over HTTP."""
 
-    def __init__(self, client: httpx.Client | None = None) -> None:
-        self.client = client or httpx.Client(timeout=LOAD_TIMEOUT)
+    def __init__(self, client: httpx.Client | None = None, timeout: float = LOAD_TIMEOUT_SECONDS) -> None:
+        self.timeout = timeout
+        self.client = client or httpx.Client(timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_SECONDS))
 
     def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -99,7 +103,7 @@ class AdapterApi:
         return response
 
     def cards(self, replica: Replica) -> dict[str, dict[str, Any]]:
-        body = self._call("GET", f"{replica.url}/v1/models", timeout=10.0).json()
+        body = self._call("GET", f"{replica.url}/v1/models", timeout=min(self.timeout, 10.0)).json()
         return {card["id"]: card for card in body.get("data", []) if isinstance(card, dict) and "id" in card}
 
     def load(self, replica: Replica, adapter: Adapter) -> None:
@@ -113,7 +117,7 @@ class AdapterApi:
 
     def unload(self, replica: Replica, name: str) -> None:
         try:
-            self._call("POST", f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30.0)
+            self._call("POST", f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=self.timeout)
         except AdapterApiError as error:
             if error.status != 404:  # 404: not loaded there, nothing to undo
                 raise

@@ -50,8 +50,13 @@ from tests.crds.schemas import validate_against_crd
 from tests.operator.controllers import condition_holds
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = OperatorConfig()
-BOTH = OperatorConfig(launcher="pytorchjob", other_launchers="trainjob")
+# The placement the sample job asks for, allowed by the admin (the chart's tenancy.scheduling values).
+PLACEMENT = {"allowed_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+             "allowed_node_selectors": {"nvidia.com/gpu.product": ["A100-SXM4-80GB"]},
+             "allowed_priority_classes": ["training-high"]}
+PLACEMENT_ENV = {f"TESSERA_{key.upper()}": json.dumps(value) for key, value in PLACEMENT.items()}
+CONFIG = OperatorConfig(**PLACEMENT)
+BOTH = OperatorConfig(launcher="pytorchjob", other_launchers="trainjob", **PLACEMENT)
 # The TrainJob CRD of Kubeflow Trainer v2.3.0 (with status.trainerStatus), beside the older one
 # vendored from ../shared/crds: a TrainJob Tessera builds must be valid for both.
 TRAINJOB_CRD_V2_3 = REPO / "tests" / "crds" / "trainer-v2.3.0" / "trainer.kubeflow.org_trainjobs.yaml"
@@ -208,7 +213,8 @@ def test_training_pods_restart_a_bounded_number_of_times(launcher):
 
 def test_launcher_defaults_to_the_installations_and_must_be_enabled():
     assert effective_job(job_manifest(), CONFIG).spec.distribution.launcher == "pytorchjob"
-    assert effective_job(job_manifest(), OperatorConfig(launcher="trainjob")).spec.distribution.launcher == "trainjob"
+    trainjob = OperatorConfig(launcher="trainjob", **PLACEMENT)
+    assert effective_job(job_manifest(), trainjob).spec.distribution.launcher == "trainjob"
     with pytest.raises(InvalidSpecError) as refused:
         effective_job(job_manifest(distribution={"launcher": "trainjob"}), CONFIG)
     assert "spec.distribution.launcher: trainjob is not enabled" in str(refused.value.problems)
@@ -268,7 +274,8 @@ def test_gpu_evaluation_lands_on_the_gpu_pool(job):
 
 
 def test_installation_gpu_resource_and_image_reach_the_pods(job):
-    config = OperatorConfig(gpu_resource="amd.com/gpu", trainer_image="registry.bank.internal/tessera-trainer:1")
+    config = OperatorConfig(gpu_resource="amd.com/gpu", trainer_image="registry.bank.internal/tessera-trainer:1",
+                            **PLACEMENT)
     pytorchjob = pytorchjob_of(job, config)
     container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"] == {"amd.com/gpu": "4"}
@@ -289,12 +296,14 @@ def test_configmap_freezes_the_validated_spec_with_defaults(job):
 def test_jobs_without_a_store_get_the_installations_store_and_secret():
     manifest = job_manifest()
     del manifest["spec"]["store"]
-    installation = OperatorConfig(store_uri="s3://bank-tessera", store_secret="bank-store")  # noqa: S106
+    # Tenancy off: the sample's data lies in another bucket (tests/operator/test_tenancy.py has the rules).
+    installation = OperatorConfig(store_uri="s3://bank-tessera", store_secret="bank-store",  # noqa: S106
+                                  tenancy=False, **PLACEMENT)
     job = effective_job(manifest, installation)
     assert job.spec.store.uri == "s3://bank-tessera"
     assert job.spec.store.credentials_secret == installation.store_secret
     with pytest.raises(InvalidSpecError) as error:  # with no installation store, s3 data needs a secret
-        effective_job(manifest, OperatorConfig())
+        effective_job(manifest, CONFIG)
     assert "spec.store.credentialsSecret" in str(error.value)
 
 
@@ -316,7 +325,7 @@ def test_inference_service_names_the_runtime_and_gives_it_no_credential():
 def test_vllm_serves_a_four_bit_base_quantized_with_bitsandbytes(kind, bits, args):
     document = yaml.safe_load((REPO / "examples" / "adapter.yaml").read_text())
     document["spec"]["baseModel"]["quantizationBits"] = bits
-    config = OperatorConfig(serving_runtime="tessera-vllm", serving_runtime_kind=kind)
+    config = OperatorConfig(serving_runtime="tessera-vllm", serving_runtime_kind=kind, **PLACEMENT)
     isvc = build_inference_service(Adapter.model_validate(document), config)
     assert validate_against_crd(isvc) == []
     assert isvc["spec"]["predictor"]["model"].get("args") == args
@@ -324,7 +333,7 @@ def test_vllm_serves_a_four_bit_base_quantized_with_bitsandbytes(kind, bits, arg
 
 def test_a_job_whose_adapter_the_runtime_cannot_serve_is_refused_naming_field_and_runtime():
     config = OperatorConfig.from_env({"TESSERA_SERVING_RUNTIME_KIND": "vllm", "TESSERA_MAX_LORA_RANK": "16",
-                                      "TESSERA_TARGET_MODULES": json.dumps(["q_proj", "v_proj"])})
+                                      "TESSERA_TARGET_MODULES": json.dumps(["q_proj", "v_proj"]), **PLACEMENT_ENV})
     manifest = job_manifest(lora={"rank": 32, "targetModules": ["q_proj", "v_proj", "c_attn"]})
     with pytest.raises(InvalidSpecError) as error:
         effective_job(manifest, config)
@@ -367,14 +376,14 @@ def test_render_command_prints_yaml_documents_and_refuses_a_bad_spec(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job_manifest()))
     done = subprocess.run([sys.executable, "-m", "tessera", "render", "-f", str(path), "--set", "spec.lora.rank=16"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **PLACEMENT_ENV})
     assert done.returncode == 0, done.stderr
     documents = [d for d in yaml.safe_load_all(done.stdout) if d]
     assert [d["kind"] for d in documents] == ["ConfigMap", "Workflow", "PyTorchJob", "InferenceService"]
     assert yaml.safe_load(documents[0]["data"]["job.yaml"])["spec"]["lora"]["rank"] == 16
     # The installation's launcher (TESSERA_LAUNCHER, as the chart sets it) shows in what is printed.
     v2 = subprocess.run([sys.executable, "-m", "tessera", "render", "-f", str(path)], capture_output=True, text=True,
-                        timeout=120, env={**os.environ, "TESSERA_LAUNCHER": "trainjob"})
+                        timeout=120, env={**os.environ, **PLACEMENT_ENV, "TESSERA_LAUNCHER": "trainjob"})
     assert v2.returncode == 0, v2.stderr
     assert [d["kind"] for d in yaml.safe_load_all(v2.stdout) if d] == [
         "ConfigMap", "Workflow", "TrainingRuntime", "TrainJob", "InferenceService"]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tessera.agent.agent import AdapterAgent, LoadRequest, UnloadRequest
 from tessera.agent.rules import LLAMA_TARGET_MODULES, AgentError, RuntimeKind, RuntimeProfile
+from tessera.api.tenancy import DEFAULT_SHARED_PREFIXES, TenancyRules
 
 log = logging.getLogger(__name__)
 AGENT_KEY = web.AppKey("agent", AdapterAgent)
@@ -37,7 +38,20 @@ class AgentSettings(BaseModel):
     base_model: str | None = None
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_TARGET_MODULES), min_length=1)
     allowed_prefixes: list[str] = Field(default_factory=list)
+    # Tenancy: the pod's namespace (the downward API) and the store roots tenants share. With both,
+    # adapters may come only from that namespace's prefixes or the shared read-only ones
+    # (tessera.api.tenancy), whatever allowed_prefixes says: a predictor never serves another team's.
+    namespace: str | None = None
+    store_roots: list[str] = Field(default_factory=list)
+    shared_prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_SHARED_PREFIXES))
     resync_seconds: float = Field(5.0, gt=0)
+
+    def prefixes(self) -> list[str]:
+        """Where adapters may come from."""
+        if self.namespace and self.store_roots:
+            rules = TenancyRules(tuple(self.store_roots), tuple(self.shared_prefixes))
+            return rules.readable_prefixes(self.namespace)
+        return self.allowed_prefixes
 
     def profile(self) -> RuntimeProfile:
         return RuntimeProfile(self.runtime, self.max_lora_rank, self.base_model, frozenset(self.target_modules))
@@ -118,7 +132,7 @@ def build_app(agent: AdapterAgent, resync_seconds: float) -> web.Application:
 
 def run(settings: AgentSettings) -> None:
     agent = AdapterAgent(settings.profile(), settings.runtime_url, settings.adapters_dir,
-                         allowed_prefixes=settings.allowed_prefixes)
+                         allowed_prefixes=settings.prefixes())
     log.info("adapter agent for the %s runtime at %s: %d adapter(s) held in %s", settings.runtime,
              settings.runtime_url, len(agent.held), settings.adapters_dir)
     web.run_app(build_app(agent, settings.resync_seconds), host=settings.host, port=settings.port,

@@ -28,7 +28,7 @@ ReplicaState = Literal["Pending", "Loading", "Loaded", "Failed", "Unloaded"]
 class AdapterBaseModel(KubeModel):
     """The base model the adapter was trained on; the server refuses an adapter for another base."""
 
-    uri: str = Field(min_length=1)
+    uri: ArtifactUri = Field(description="Store URI of the base model's directory (an s3:// or local artifact).")
     name: str | None = None
     quantization_bits: Literal[4, 8] | None = Field(
         None, description="Bits the base was quantized to in training (the job's quantization.bits); "
@@ -85,6 +85,8 @@ class AdapterStatus(KubeModel):
     url: str | None = Field(None, description="OpenAI-compatible base URL that serves this adapter.")
     observed_generation: int | None = None
     message: str = ""
+    reason: str | None = Field(None, description="Why the operator refused the Adapter (phase Failed), e.g. "
+                               "OutsideTenantPrefixes, InferenceServiceQuota.")
 
 
 class Adapter(KubeResource):

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from tessera.api.base import (
     API_VERSION,
+    SHA256_HEX,
     ArtifactUri,
     Condition,
     DnsLabel,
@@ -310,6 +311,10 @@ class FineTuneJobStatus(KubeModel):
     adapter_ref: ObjectRef | None = None
     workflow_ref: ObjectRef | None = None
     observed_generation: int | None = None
+    spec_digest: str | None = Field(
+        None, pattern=SHA256_HEX,
+        description="sha256 of the frozen spec (the job's ConfigMap) recorded at submission; the operator "
+        "reads the ConfigMap only while it matches.")
     error: JobError | None = None
     start_time: str | None = None
     completion_time: str | None = None

@@ -27,6 +27,13 @@ def adapter_agent_command(
     allowed_prefix: list[str] = typer.Option(
         [], "--allowed-prefix", help="Store URI or directory adapters may come from (repeatable)."
     ),
+    namespace: str = typer.Option(None, envvar="POD_NAMESPACE",
+                                  help="The pod's namespace (a tenant): with --store-root, adapters come only from "
+                                  "its prefixes or the shared ones."),
+    store_root: list[str] = typer.Option([], "--store-root", help="A store root tenants share (repeatable)."),
+    shared_prefix: list[str] = typer.Option([], "--shared-prefix",
+                                            help="A read-only prefix under every root all tenants may read "
+                                            "(repeatable; default: models)."),
     resync_seconds: float = typer.Option(5.0, help="How often the runtime is checked for adapters it lost."),
 ) -> None:
     """Serve vLLM's adapter API in front of a runtime, fetching adapters from the store first."""
@@ -38,7 +45,10 @@ def adapter_agent_command(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {"runtime": runtime, "runtime_url": runtime_url, "adapters_dir": adapters_dir, "host": host,
                "port": port, "max_lora_rank": max_lora_rank, "base_model": base_model,
-               "allowed_prefixes": allowed_prefix, "resync_seconds": resync_seconds}
+               "allowed_prefixes": allowed_prefix, "resync_seconds": resync_seconds, "namespace": namespace,
+               "store_roots": store_root}
+    if shared_prefix:
+        options["shared_prefixes"] = shared_prefix
     if target_module:
         options["target_modules"] = target_module
     try:
