@@ -12,12 +12,13 @@ from pydantic import BaseModel, ValidationError
 
 from tessera.api.adapter import Adapter
 from tessera.api.base import PATTERN_WORDS
+from tessera.api.experiment import Experiment
 from tessera.api.finetunejob import FineTuneJob
 from tessera.errors import InvalidSpecError
 from tessera.safe_yaml import YamlLimitError, safe_load, safe_load_all
 
-Resource = FineTuneJob | Adapter
-KINDS: dict[str, type[BaseModel]] = {"FineTuneJob": FineTuneJob, "Adapter": Adapter}
+Resource = FineTuneJob | Adapter | Experiment
+KINDS: dict[str, type[BaseModel]] = {"FineTuneJob": FineTuneJob, "Adapter": Adapter, "Experiment": Experiment}
 
 
 def load_resources(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[Resource]:
@@ -53,6 +54,13 @@ def load_job(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     resource = load_resource(source, overrides)
     if not isinstance(resource, FineTuneJob):
         raise InvalidSpecError([f"kind: expected FineTuneJob, found {resource.kind}"], _read(source)[1])
+    return resource
+
+
+def load_experiment(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    resource = load_resource(source, overrides)
+    if not isinstance(resource, Experiment):
+        raise InvalidSpecError([f"kind: expected Experiment, found {resource.kind}"], _read(source)[1])
     return resource
 
 

@@ -24,8 +24,8 @@ AS_JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr.")
 
 
-def _setup(job_file: Path, overrides: list[str]) -> Any:
-    from tessera.api import load_job
+def configure_local_run() -> None:
+    """Logging, redaction and the environment every step that loads a model runs under."""
     from tessera.redact import install_log_redaction
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -36,6 +36,12 @@ def _setup(job_file: Path, overrides: list[str]) -> Any:
     # waiting for a descheduled sibling then make training an order of magnitude slower; sleeping
     # threads do not. Read once, when torch loads: hence here, before any step imports it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _setup(job_file: Path, overrides: list[str]) -> Any:
+    from tessera.api import load_job
+
+    configure_local_run()
     return load_job(job_file, overrides)
 
 
