@@ -92,3 +92,27 @@ def test_report_command_prints_the_table(finished: dict[str, Any]) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "| cell | rank | data | phase | accuracy (95% CI)" in shown.stdout
     assert shown.stdout.count("★") == 1
+
+
+def test_the_html_report_renders_its_plots_in_headless_chromium(finished: dict[str, Any], tmp_path: Path) -> None:
+    """Debian's chromium opens the page from a file URL, with no network: every plot must decode."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium): the HTML is not opened")
+    page = tmp_path / "report.html"
+    source = (finished["store"] / "experiments" / "team-a" / "tiny" / "report.html").read_text()
+    # The probe counts the images the browser decoded, once the page has loaded.
+    probe = ('<script>addEventListener("load",()=>{document.body.dataset.rendered='
+             '[...document.images].filter(i=>i.complete&&i.naturalWidth>200).length})</script>')
+    page.write_text(source.replace("</body>", probe + "</body>"))
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=" + str(tmp_path / "profile"),
+         "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-rendered="3"' in dom.stdout
+    assert '<table id="cells">' in dom.stdout

@@ -10,7 +10,7 @@ import io
 from typing import Any
 
 from tessera.experiment.results import CellResult
-from tessera.experiment.selection import Choice
+from tessera.experiment.selection import Choice, pareto_front_indices
 
 
 def _pyplot() -> Any:
@@ -71,19 +71,6 @@ def loss_curves(results: list[CellResult]) -> bytes | None:
     return _png(figure)
 
 
-def pareto_front(points: list[tuple[float, float]], maximize: bool) -> list[int]:
-    """Indices of the points no other point beats on both cost (lower) and score."""
-    front = []
-    for i, (cost, score) in enumerate(points):
-        better = (lambda a, b: a >= b) if maximize else (lambda a, b: a <= b)
-        dominated = any(
-            j != i and c <= cost and better(s, score) and (c < cost or s != score) for j, (c, s) in enumerate(points)
-        )
-        if not dominated:
-            front.append(i)
-    return front
-
-
 def score_vs_cost(results: list[CellResult], choice: Choice) -> bytes | None:
     """The selection metric against cost (device hours when no price is set), the Pareto front joined."""
     scored = [r for r in results if r.score(choice.metric) is not None and (r.cost or r.device_hours) is not None]
@@ -98,7 +85,7 @@ def score_vs_cost(results: list[CellResult], choice: Choice) -> bytes | None:
         is_winner = result.name in winner_cells
         axes.scatter([x], [y], s=90 if is_winner else 45, marker="*" if is_winner else "o", zorder=3)
         axes.annotate(label(result), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    front = sorted((points[i] for i in pareto_front(points, choice.maximize)), key=lambda p: p[0])
+    front = sorted((points[i] for i in pareto_front_indices(points, choice.maximize)), key=lambda p: p[0])
     axes.plot([p[0] for p in front], [p[1] for p in front], "k--", alpha=0.5, label="Pareto front")
     base = [r.base_scores.get(choice.metric) for r in scored if r.base_scores.get(choice.metric) is not None]
     if base:

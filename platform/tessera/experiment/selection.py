@@ -58,6 +58,19 @@ def wilson_interval(proportion: float, n: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def pareto_front_indices(points: list[tuple[float, float]], maximize: bool) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and score."""
+    front = []
+    for i, (cost, score) in enumerate(points):
+        better = (lambda a, b: a >= b) if maximize else (lambda a, b: a <= b)
+        dominated = any(
+            j != i and c <= cost and better(s, score) and (c < cost or s != score) for j, (c, s) in enumerate(points)
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
 def over_budget(result: CellResult, selection: Selection) -> str | None:
     """Which budget a cell breaks (or has no measure for), None when it meets them all."""
     budgets = selection.budgets
