@@ -456,3 +456,7 @@ def adapter_deleted(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> 
         raise kopf.TemporaryError(f"unloading {name} failed on {'; '.join(failures)}", delay=2)
     logger.info(f"unloaded {name} from InferenceService {isvc_name}")
 
+
+
+# Experiments (one FineTuneJob per matrix cell) live in their own module; importing it registers them.
+from tessera_operator import experiments  # noqa: E402,F401

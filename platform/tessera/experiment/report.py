@@ -14,7 +14,7 @@ from tessera.api import Experiment
 from tessera.experiment import plots
 from tessera.experiment.results import CellResult
 from tessera.experiment.selection import Choice, select
-from tessera.store import join_key, open_store
+from tessera.store import Store, join_key, open_store
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
@@ -163,13 +163,16 @@ def html_page(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
     )
 
 
-def write_report(experiment: Experiment, results: list[CellResult]) -> tuple[str, dict[str, Any]]:
-    """Write report.json, report.md and report.html to the experiment's prefix; returns (its URI, the report)."""
+def write_report(experiment: Experiment, results: list[CellResult],
+                 store_root: tuple[Store, str] | None = None) -> tuple[str, dict[str, Any]]:
+    """Write report.json, report.md and report.html to the experiment's prefix; returns (its URI, the report).
+
+    `store_root` is the template's store opened by the caller (the operator opens it with the Secret)."""
     import json
 
     choice = select(results, experiment.spec.selection)
     report = build_report(experiment, results, choice)
-    store, root = open_store(experiment.spec.template.spec.store.uri)
+    store, root = store_root or open_store(experiment.spec.template.spec.store.uri)
     prefix = join_key(root, report_prefix(experiment))
     store.put_bytes(f"{prefix}/report.json", json.dumps(report, indent=2).encode())
     store.put_bytes(f"{prefix}/report.md", markdown(report).encode())

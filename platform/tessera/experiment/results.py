@@ -15,7 +15,6 @@ from pydantic.alias_generators import to_camel
 
 from tessera.api import FineTuneJob, paths
 from tessera.api.adapter_dir import MODEL_CARD_FILE, ModelCard
-from tessera.store import open_store
 from tessera.store.jobs import JobArtifacts
 
 
@@ -70,14 +69,16 @@ class CellResult(BaseModel):
 
 
 def read_cell_result(job: FineTuneJob, *, values: dict[str, Any] | None = None, repeat: int = 0,
-                     wall_seconds: float | None = None) -> CellResult:
-    """The published cell `job`: `published.json` -> model card, the adapter's size, the training log."""
-    artifacts = JobArtifacts.open(job)
+                     wall_seconds: float | None = None, artifacts: JobArtifacts | None = None) -> CellResult:
+    """The published cell `job`: `published.json` -> model card, the adapter's size, the training log.
+
+    `artifacts` is the job's store opened by the caller (the operator opens it with the job's Secret)."""
+    artifacts = artifacts or JobArtifacts.open(job)
     store = artifacts.store
     record = store.get_json(artifacts.key(paths.published_key(job)))
-    adapter_store, adapter_key = open_store(record["uri"])
-    card = ModelCard.read(adapter_store.get_json(f"{adapter_key}/{MODEL_CARD_FILE}"))
-    sizes = [adapter_store.stat(key) for key in adapter_store.list(adapter_key)]
+    adapter_key = artifacts.key(paths.adapter_prefix(job.metadata.namespace, record["name"], record["version"]))
+    card = ModelCard.read(store.get_json(f"{adapter_key}/{MODEL_CARD_FILE}"))
+    sizes = [store.stat(key) for key in store.list(adapter_key)]
     metrics = card.metrics or {}
     training = card.training or {}
     cost = card.cost or {}
