@@ -32,6 +32,8 @@ MAX_EXPERIMENT_NAME = 63 - CELL_HASH_CHARS - 1
 LOWER_IS_BETTER = ("mse", "eval_loss")
 
 ExperimentPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+# A Katib trial's FineTuneJob carries its parameters here, as JSON `{path: value}` (see `trial_overrides`).
+TRIAL_PARAMETERS_ANNOTATION = "experiment.tessera.dev/trial-parameters"
 AXIS_NAME = r"^[a-z][a-zA-Z0-9]{0,30}$"
 
 
@@ -322,6 +324,11 @@ def matrix_problem(spec: ExperimentSpec) -> str | None:
                 return (f"matrix.{kind}.{index}: an included cell gives every axis a value "
                         f"(missing: {', '.join(missing)})")
     if spec.search is not None:
+        for index, axis in enumerate(axes):
+            odd = [v for v in axis.values or [] if v is None or isinstance(v, (dict, list, bool))]
+            if odd:
+                return (f"matrix.axes.{index}.values: a search samples numbers or strings (Katib's feasibleSpace); "
+                        f"{short_value(odd[0])} is neither")
         return None  # Katib draws the trials; there is no grid to expand or cap.
     sizes = [len(a.values or []) for a in axes]
     if _product(sizes) > 100_000:
@@ -355,3 +362,24 @@ def short_value(value: Any) -> str:
     if isinstance(value, dict):
         return str(value.get("name") or value.get("uri") or json.dumps(value, sort_keys=True))
     return "null" if value is None else str(value)
+
+
+def trial_overrides(annotations: dict[str, str]) -> dict[str, Any]:
+    """The `{path: value}` a Katib trial sets, from its FineTuneJob's annotation ({} when it is not a trial).
+
+    Katib fills `${trialParameters.x}` into the trial template as text: inside this JSON annotation a
+    number stays a number, where in the spec itself it would become the string "8"."""
+    raw = annotations.get(TRIAL_PARAMETERS_ANNOTATION)
+    if not raw:
+        return {}
+    try:
+        overrides = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{TRIAL_PARAMETERS_ANNOTATION}: not valid JSON") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{TRIAL_PARAMETERS_ANNOTATION}: must be a JSON object of path: value")
+    for path in overrides:
+        problem = path_problem(path)
+        if problem:
+            raise ValueError(f"{TRIAL_PARAMETERS_ANNOTATION}: {problem}")
+    return overrides

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from tessera.api.adapter import Adapter
 from tessera.api.base import PATTERN_WORDS
-from tessera.api.experiment import Experiment
+from tessera.api.experiment import Experiment, set_path, trial_overrides
 from tessera.api.finetunejob import FineTuneJob
 from tessera.errors import InvalidSpecError
 from tessera.safe_yaml import YamlLimitError, safe_load, safe_load_all
@@ -73,10 +74,27 @@ def parse_resource(document: Any) -> Resource:
     if model is None:
         raise InvalidSpecError([f"kind: must be one of {', '.join(KINDS)} (found {kind!r})"])
     body = {k: v for k, v in document.items() if k != "status" or v}
+    if model is FineTuneJob:
+        body = _with_trial_parameters(body)
     try:
         return model.model_validate(body)  # type: ignore[return-value]
     except ValidationError as error:
         raise InvalidSpecError(describe_errors(model, error)) from None
+
+
+def _with_trial_parameters(body: dict[str, Any]) -> dict[str, Any]:
+    """A Katib trial's FineTuneJob with its parameters set on the spec (`tessera.api.experiment.trial_overrides`)."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    try:
+        overrides = trial_overrides(annotations) if isinstance(annotations, dict) else {}
+    except ValueError as error:
+        raise InvalidSpecError([f"metadata.annotations.{error}"]) from None
+    if not overrides or not isinstance(body.get("spec"), dict):
+        return body
+    spec = copy.deepcopy(body["spec"])
+    for path, value in overrides.items():
+        set_path(spec, path, value)
+    return {**body, "spec": spec}
 
 
 def apply_overrides(document: Any, overrides: list[str] | tuple[str, ...]) -> Any:

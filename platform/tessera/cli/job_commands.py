@@ -115,11 +115,14 @@ def evaluate(
     """Base model vs adapter on held-out data: the task's metrics, samples/s, a table or JSON."""
     from tessera.evaluate.report import format_table
     from tessera.evaluate.runner import evaluate_job
+    from tessera.experiment.katib import push_metrics
 
     job = _setup(job_file, set_)
     with _json_only_stdout(as_json):
         report = evaluate_job(job, adapter_uri=adapter, data_uri=data, show_progress=progress)
     typer.echo(format_table(report), err=as_json)
+    if adapter is None and data is None:
+        push_metrics(report)  # only when Katib runs this job as a trial (KATIB_TRIAL_NAME is set)
     _emit(report, as_json)
 
 
