@@ -572,3 +572,7 @@ def _unload_everywhere(name: str, namespace: str, isvc_name: str, memo: kopf.Mem
         raise kopf.TemporaryError(f"unloading {name} failed on {'; '.join(failures)}", delay=2)
     logger.info(f"unloaded {name} from InferenceService {isvc_name}")
 
+
+
+# Experiments (one FineTuneJob per matrix cell) live in their own module; importing it registers them.
+from tessera_operator import experiments  # noqa: E402,F401

@@ -179,7 +179,7 @@ def test_crd_schemas_are_structural() -> None:
         assert version["subresources"] == {"status": {}}
         assert [c["name"] for c in version["additionalPrinterColumns"]][0] == "Phase"
     names = {c["spec"]["names"]["kind"]: c["spec"]["names"]["shortNames"] for c in custom_resource_definitions()}
-    assert names == {"FineTuneJob": ["ftj"], "Adapter": ["lora"]}
+    assert names == {"FineTuneJob": ["ftj"], "Adapter": ["lora"], "Experiment": ["ftx"]}
 
 
 def test_chart_copy_of_the_crds_is_in_sync() -> None:

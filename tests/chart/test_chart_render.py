@@ -154,16 +154,18 @@ def test_every_rendered_document_validates_against_its_schema(combination: str) 
 
 def test_crds_ship_with_the_chart() -> None:
     crds = {doc["metadata"]["name"] for doc in of_kind(render(), "CustomResourceDefinition")}
-    assert crds == {"finetunejobs.tessera.dev", "adapters.tessera.dev",
+    assert crds == {"finetunejobs.tessera.dev", "adapters.tessera.dev", "experiments.tessera.dev",
                     "clusterkopfpeerings.zalando.org", "kopfpeerings.zalando.org"}
 
 
 # --- RBAC -----------------------------------------------------------------------------------
 
 OPERATOR_NAMESPACED_GRANTS = {
-    ("tessera.dev", "finetunejobs"): {"list", "watch", "patch"},
+    ("tessera.dev", "finetunejobs"): {"list", "watch", "patch", "get", "create"},  # create: experiment cells
     ("tessera.dev", "adapters"): {"get", "list", "watch", "create", "patch"},
     ("tessera.dev", "finetunejobs/status"): {"patch"},
+    ("tessera.dev", "experiments"): {"list", "watch", "patch"},
+    ("tessera.dev", "experiments/status"): {"patch"},
     ("tessera.dev", "adapters/status"): {"patch"},
     ("", "configmaps"): {"get", "create"},
     ("argoproj.io", "workflows"): {"get", "create"},

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from tessera.api.adapter import Adapter, AdapterSpec, AdapterStatus
 from tessera.api.base import GROUP, VERSION
+from tessera.api.experiment import Experiment, ExperimentSpec, ExperimentStatus
 from tessera.api.finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
 
 _DROPPED_KEYS = {"title", "$defs"}
@@ -76,7 +77,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if out.get("type") == "object" and out.get("additionalProperties") is False:
         out.pop("additionalProperties")  # structural schemas prune unknown fields instead
     if "type" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        # An untyped value (`Any`): any YAML, null included (a matrix axis may take null).
         out["x-kubernetes-preserve-unknown-fields"] = True
+        out["nullable"] = True
     return out
 
 
@@ -142,7 +145,7 @@ def _age() -> dict[str, Any]:
 
 
 def custom_resource_definitions() -> list[dict[str, Any]]:
-    """The FineTuneJob and Adapter CRDs, in that order."""
+    """The FineTuneJob, Adapter and Experiment CRDs, in that order."""
     job = _crd(
         "FineTuneJob",
         "finetunejobs",
@@ -166,7 +169,22 @@ def custom_resource_definitions() -> list[dict[str, Any]]:
             _age(),
         ],
     )
-    return [job, adapter]
+    experiment = _crd(
+        "Experiment",
+        "experiments",
+        "ftx",
+        _object_schema(ExperimentSpec, ExperimentStatus, Experiment.__doc__ or ""),
+        [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Done", "type": "integer", "jsonPath": ".status.cellsDone"},
+            {"name": "Total", "type": "integer", "jsonPath": ".status.cellsTotal"},
+            {"name": "Best", "type": "string", "jsonPath": ".status.bestCell"},
+            {"name": "Score", "type": "number", "jsonPath": ".status.bestScore"},
+            {"name": "Cost", "type": "number", "jsonPath": ".status.costSoFar"},
+            _age(),
+        ],
+    )
+    return [job, adapter, experiment]
 
 
 def crds_yaml() -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,13 @@ from pydantic import BaseModel, ValidationError
 
 from tessera.api.adapter import Adapter
 from tessera.api.base import PATTERN_WORDS
+from tessera.api.experiment import Experiment, set_path, trial_overrides
 from tessera.api.finetunejob import FineTuneJob
 from tessera.errors import InvalidSpecError
 from tessera.safe_yaml import YamlLimitError, safe_load, safe_load_all
 
-Resource = FineTuneJob | Adapter
-KINDS: dict[str, type[BaseModel]] = {"FineTuneJob": FineTuneJob, "Adapter": Adapter}
+Resource = FineTuneJob | Adapter | Experiment
+KINDS: dict[str, type[BaseModel]] = {"FineTuneJob": FineTuneJob, "Adapter": Adapter, "Experiment": Experiment}
 
 
 def load_resources(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[Resource]:
@@ -56,6 +58,13 @@ def load_job(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return resource
 
 
+def load_experiment(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    resource = load_resource(source, overrides)
+    if not isinstance(resource, Experiment):
+        raise InvalidSpecError([f"kind: expected Experiment, found {resource.kind}"], _read(source)[1])
+    return resource
+
+
 def parse_resource(document: Any) -> Resource:
     """A dict (as kubectl or kopf hands it over) validated into its model."""
     if not isinstance(document, dict):
@@ -65,10 +74,27 @@ def parse_resource(document: Any) -> Resource:
     if model is None:
         raise InvalidSpecError([f"kind: must be one of {', '.join(KINDS)} (found {kind!r})"])
     body = {k: v for k, v in document.items() if k != "status" or v}
+    if model is FineTuneJob:
+        body = _with_trial_parameters(body)
     try:
         return model.model_validate(body)  # type: ignore[return-value]
     except ValidationError as error:
         raise InvalidSpecError(describe_errors(model, error)) from None
+
+
+def _with_trial_parameters(body: dict[str, Any]) -> dict[str, Any]:
+    """A Katib trial's FineTuneJob with its parameters set on the spec (`tessera.api.experiment.trial_overrides`)."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    try:
+        overrides = trial_overrides(annotations) if isinstance(annotations, dict) else {}
+    except ValueError as error:
+        raise InvalidSpecError([f"metadata.annotations.{error}"]) from None
+    if not overrides or not isinstance(body.get("spec"), dict):
+        return body
+    spec = copy.deepcopy(body["spec"])
+    for path, value in overrides.items():
+        set_path(spec, path, value)
+    return {**body, "spec": spec}
 
 
 def apply_overrides(document: Any, overrides: list[str] | tuple[str, ...]) -> Any:

@@ -24,8 +24,8 @@ AS_JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr.")
 
 
-def _setup(job_file: Path, overrides: list[str]) -> Any:
-    from tessera.api import load_job
+def configure_local_run() -> None:
+    """Logging, redaction and the environment every step that loads a model runs under."""
     from tessera.redact import install_log_redaction
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -36,6 +36,12 @@ def _setup(job_file: Path, overrides: list[str]) -> Any:
     # waiting for a descheduled sibling then make training an order of magnitude slower; sleeping
     # threads do not. Read once, when torch loads: hence here, before any step imports it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _setup(job_file: Path, overrides: list[str]) -> Any:
+    from tessera.api import load_job
+
+    configure_local_run()
     return load_job(job_file, overrides)
 
 
@@ -109,11 +115,14 @@ def evaluate(
     """Base model vs adapter on held-out data: the task's metrics, samples/s, a table or JSON."""
     from tessera.evaluate.report import format_table
     from tessera.evaluate.runner import evaluate_job
+    from tessera.experiment.katib import push_metrics
 
     job = _setup(job_file, set_)
     with _json_only_stdout(as_json):
         report = evaluate_job(job, adapter_uri=adapter, data_uri=data, show_progress=progress)
     typer.echo(format_table(report), err=as_json)
+    if adapter is None and data is None:
+        push_metrics(report)  # only when Katib runs this job as a trial (KATIB_TRIAL_NAME is set)
     _emit(report, as_json)
 
 

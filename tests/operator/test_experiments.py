@@ -1,0 +1,125 @@
+"""Experiments on the simulated cluster: the real operator (`tessera operator`) fans an Experiment out
+into one FineTuneJob per cell, never more than `maxParallel` at a time, survives a SIGKILL without
+creating a cell twice, reports a failed cell while the rest finish, writes the report and promotes
+only the winner.
+
+Stands in for a cluster: the Kubernetes API emulator and the Argo / Training Operator controllers of
+tests/operator, which run each step's real `tessera` command as a local process on the tiny model;
+the local-directory store stands in for MinIO.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.operator.harness import SAMPLE_CSV, OperatorProcess, SimulatedCluster
+
+pytestmark = pytest.mark.slow
+
+FTJ = ("tessera.dev/v1alpha1", "FineTuneJob")
+EXP = ("tessera.dev/v1alpha1", "Experiment")
+ADAPTER = ("tessera.dev/v1alpha1", "Adapter")
+TERMINAL = ("Succeeded", "Failed", "Cancelled")
+
+
+def experiment(namespace: str, tiny_model: Path, store: Path, missing: Path) -> dict:
+    template = {
+        "baseModel": {"uri": str(tiny_model), "name": "tessera/tiny-llama", "quantization": {"bits": None},
+                      "computeDtype": "float32"},
+        "dataset": {"uri": str(SAMPLE_CSV), "task": "sentiment", "onBadRows": "skip", "maxRows": 48,
+                    "maxEvalRows": 8, "labelMap": {"0": "negative", "1": "positive", "2": "neutral"}},
+        "training": {"maxSteps": 2, "batchSize": 4, "maxSeqLength": 256, "checkpointEverySteps": 1,
+                     "loggingSteps": 1},
+        "distribution": {"workers": 1, "gpusPerWorker": 0},
+        "evaluation": {"maxSamples": 8, "maxNewTokens": 4, "batchSize": 8},
+        "serving": {"createInferenceService": False},
+        "cost": {"pricePerDeviceHour": 4.0},
+        "store": {"uri": str(store)},
+    }
+    return {
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "Experiment",
+        "metadata": {"name": "ranks", "namespace": namespace},
+        "spec": {
+            "template": {"spec": template},
+            "matrix": {
+                "axes": [{"name": "rank", "path": "lora.rank", "values": [2, 4, 8]},
+                         {"name": "data", "path": "dataset.uri", "values": [str(SAMPLE_CSV)]}],
+                # The fourth cell's data is missing: its prepare step fails, the others go on.
+                "include": [{"rank": 16, "data": str(missing)}],
+            },
+            "maxParallel": 2,
+            "promote": True,
+        },
+    }
+
+
+class RunningWatch:
+    """Samples the cells' jobs while the experiment runs: the most seen unfinished at once."""
+
+    def __init__(self, cluster: SimulatedCluster, namespace: str) -> None:
+        self.cluster, self.namespace = cluster, namespace
+        self.most = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            jobs = self.cluster.list(*FTJ, self.namespace)
+            running = [j for j in jobs if ((j.get("status") or {}).get("phase") or "Pending") not in TERMINAL]
+            self.most = max(self.most, len(running))
+
+
+def test_experiment_fans_out_within_max_parallel_survives_a_restart_and_promotes_only_the_winner(
+    cluster: SimulatedCluster, namespace: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    cluster.create(experiment(namespace, tiny_model, store, tmp_path / "missing.csv"))
+    watch = RunningWatch(cluster, namespace)
+    watch.thread.start()
+    operator = OperatorProcess(cluster, [namespace], tmp_path / "operator.log").start()
+    try:
+        cluster.wait_for("the first two cells", lambda: len(cluster.list(*FTJ, namespace)) >= 2, 60, operator)
+        operator.kill()  # SIGKILL with two cells in flight: no cleanup, no chance to record anything
+        first_uids = {j["metadata"]["name"]: j["metadata"]["uid"] for j in cluster.list(*FTJ, namespace)}
+        operator = OperatorProcess(cluster, [namespace], tmp_path / "operator-2.log").start()
+
+        def finished() -> dict | None:
+            status = (cluster.get(*EXP, namespace, "ranks") or {}).get("status") or {}
+            return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+        status = cluster.wait_for("the experiment to finish", finished, 400, operator)
+    finally:
+        watch.stop.set()
+        watch.thread.join()
+        operator.stop()
+
+    jobs = cluster.list(*FTJ, namespace)
+    assert len(jobs) == 4 and len({j["metadata"]["labels"]["tessera.dev/cell"] for j in jobs}) == 4
+    # The restarted operator adopted the jobs in flight instead of creating them again.
+    assert all({j["metadata"]["name"]: j["metadata"]["uid"] for j in jobs}[n] == uid for n, uid in first_uids.items())
+    assert all(j["metadata"]["ownerReferences"][0]["kind"] == "Experiment" for j in jobs)
+    assert 1 <= watch.most <= 2
+
+    assert status["phase"] == "Succeeded" and status["cellsTotal"] == 4 and status["cellsDone"] == 4
+    rows = {row["values"]["rank"]: row for row in status["cells"]}
+    assert rows[16]["phase"] == "Failed" and "missing.csv" in rows[16]["reason"]
+    assert {rows[r]["phase"] for r in (2, 4, 8)} == {"Succeeded"}
+    assert all(rows[r]["adapterUri"] and rows[r]["cost"] > 0 for r in (2, 4, 8))
+    winner = status["winner"]["cell"]
+    assert winner in {rows[r]["name"] for r in (2, 4, 8)} and status["bestCell"] == winner
+
+    # Only the winner is served; the others are published, not promoted.
+    adapters = cluster.list(*ADAPTER, namespace)
+    assert [a["metadata"]["name"] for a in adapters] == [winner]
+    assert adapters[0]["spec"]["lineage"]["job"] == f"{namespace}/{winner}"
+    assert not adapters[0]["metadata"].get("ownerReferences")
+
+    report = json.loads((store / "experiments" / namespace / "ranks" / "report.json").read_text())
+    assert report["winner"]["cell"] == winner
+    assert status["reportUri"].endswith(f"experiments/{namespace}/ranks")
+    reasons = {(e["type"], e["reason"]) for e in cluster.events(namespace, "ranks")}
+    assert {("Normal", "CellStarted"), ("Warning", "CellFailed"), ("Normal", "WinnerPromoted")} <= reasons
