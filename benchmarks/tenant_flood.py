@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=20)
     parser.add_argument("--probes", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=150.0, help="Give up on a probe after this long.")
+    parser.add_argument("--spacing", type=float, default=0.0, help="Seconds between probes (to reach the retries).")
     parser.add_argument("--operator-path", type=Path, default=None)
     parser.add_argument("--label", default=None)
     args = parser.parse_args()
@@ -84,6 +85,7 @@ def main() -> None:
             time.sleep(0.1)
         waits, in_flight = [], []
         for i in range(args.probes):
+            time.sleep(args.spacing if i else 0.0)
             in_flight.append(replica.open_loads)
             waits.append(probe(cluster, store, f"probe-{i}", args.timeout))
     finally:
