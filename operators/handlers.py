@@ -253,8 +253,11 @@ def _frozen_job(body: kopf.Body, status: dict[str, Any], memo: kopf.Memo, kube: 
     meta = body["metadata"]
     configmap = kube.get("v1", "ConfigMap", meta["namespace"], workflow_name(meta["name"]))
     recorded = status.get("specDigest")
+    if configmap is None and recorded is not None:
+        raise FrozenSpecTampered(f"ConfigMap {workflow_name(meta['name'])} was deleted after submission; the job's "
+                                 "steps cannot read their spec")
     if configmap is None or (recorded is None and frozen_digest(configmap) is None):
-        job = effective_job(dict(body), memo.config)  # gone, or written before digests were recorded
+        job = effective_job(dict(body), memo.config)  # never written, or written before digests were recorded
     else:
         if recorded is not None and frozen_digest(configmap) != recorded:
             raise FrozenSpecTampered(f"ConfigMap {configmap['metadata']['name']} was changed after submission (its "

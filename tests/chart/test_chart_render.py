@@ -170,7 +170,7 @@ OPERATOR_NAMESPACED_GRANTS = {
     ("", "configmaps"): {"get", "create"},
     ("argoproj.io", "workflows"): {"get", "create"},
     ("kubeflow.org", "pytorchjobs"): {"get"},  # the default launcher's kind
-    ("serving.kserve.io", "inferenceservices"): {"get", "create"},
+    ("serving.kserve.io", "inferenceservices"): {"get", "list", "create"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
     ("zalando.org", "kopfpeerings"): {"get", "list", "watch", "patch"},

@@ -77,6 +77,19 @@ def test_guide_finetunejob_fits_the_guide_values() -> None:
     assert manifest["spec"]["scheduling"]["nodeSelector"] == values["gpuNodePool"]["nodeSelector"]
 
 
+def test_guide_finetunejob_is_within_its_namespaces_prefixes_and_allowed_placement() -> None:
+    """With tenancy on (the chart's default), the guide's job passes the operator's rules."""
+    from tessera.api import FineTuneJob
+    from tessera_operator.builders import check_tenancy
+    from tessera_operator.config import OperatorConfig
+
+    _, manifest = finetunejob()
+    scheduling = values_file()["tenancy"]["scheduling"]
+    config = OperatorConfig(store_uri=values_file()["store"]["uri"], allowed_tolerations=scheduling["tolerations"],
+                            allowed_node_selectors=scheduling["nodeSelectors"])
+    check_tenancy(FineTuneJob.model_validate(manifest), config)  # raises PolicyError with the reasons
+
+
 def tessera_commands() -> list[list[str]]:
     """The `tessera …` command lines of the guide's shell blocks, up to their first option or argument."""
     commands = []

@@ -186,11 +186,16 @@ def test_operator_killed_after_creating_the_workflow_makes_no_duplicate_and_lose
         second.stop()
     assert cluster.emulator.run(lambda: cluster.server.created_count(workflow_kind, namespace, "ftj-restarted")) == 1
 
-    # Deleting the job garbage-collects what it owns.
-    cluster.emulator.call(cluster.server.delete(cluster.kind(*FTJ), namespace, "restarted"))
-    cluster.wait_for("the Workflow and ConfigMap to be collected",
-                     lambda: cluster.get(*WORKFLOW, namespace, "ftj-restarted") is None
-                     and cluster.get("v1", "ConfigMap", namespace, "ftj-restarted") is None, 30)
+    # Deleting the job garbage-collects what it owns, once an operator has removed its store prefix
+    # (the job's finalizer).
+    fourth = OperatorProcess(cluster, [namespace], tmp_path / "fourth.log").start()
+    try:
+        cluster.emulator.call(cluster.server.delete(cluster.kind(*FTJ), namespace, "restarted"))
+        cluster.wait_for("the Workflow and ConfigMap to be collected",
+                         lambda: cluster.get(*WORKFLOW, namespace, "ftj-restarted") is None
+                         and cluster.get("v1", "ConfigMap", namespace, "ftj-restarted") is None, 30, fourth)
+    finally:
+        fourth.stop()
 
 
 def test_transient_api_errors_are_retried_and_spec_changes_after_submission_refused(cluster, namespace, operator,

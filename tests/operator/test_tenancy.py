@@ -22,6 +22,7 @@ import kmock
 import pytest
 import yaml
 
+from tests.operator.flood import HangingReplica, flooding_adapters, serve_on_hanging_replica
 from tests.operator.harness import OperatorProcess, SimulatedCluster, finetunejob
 
 FTJ = ("tessera.dev/v1alpha1", "FineTuneJob")
@@ -272,3 +273,26 @@ def test_deleting_a_job_removes_its_prefix_and_keeps_its_published_adapter(world
     cluster.wait_for("the job to be gone", lambda: cluster.job(a, "done") is None, 60, operator)
     assert not (store / "jobs" / a / "done").exists()
     assert published.exists() and neighbour.exists()
+
+
+def test_one_tenant_flooding_the_operator_holds_at_most_its_share_and_another_is_served(world, tenants):
+    """Six adapters whose replica never answers a load, against 4 workers and a cap of 2 operations per
+    namespace (SETTINGS): the flooding namespace never has more than 2 loads open, each given up after
+    the load timeout, and the other namespace's job is handled meanwhile."""
+    cluster, store, _, operator = world
+    a, b = tenants
+    replica = HangingReplica()
+    try:
+        serve_on_hanging_replica(cluster, a, replica)
+        for body in flooding_adapters(store, a, 6):
+            cluster.create(body)
+        cluster.wait_for("the flood to reach the replica", lambda: replica.open_loads >= 2, 60, operator)
+        cluster.create(job(store, "meanwhile", b, dataset={"uri": str(store / "datasets" / a / "x.csv")}))
+        cluster.wait_for("the other namespace's job to be handled", failed(cluster, FTJ, b, "meanwhile"), 60,
+                         operator)
+        cluster.wait_for("loads to be given up and retried", lambda: replica.loads > 2, 60, operator)
+        assert replica.peak_open_loads <= int(SETTINGS["TESSERA_MAX_NAMESPACE_OPERATIONS"])
+        states = [status(cluster, ADAPTER, a, f"flood-{i}") for i in range(6)]
+        assert any("ReadTimeout" in (r.get("message") or "") for s in states for r in s.get("replicas") or []), states
+    finally:
+        replica.stop()

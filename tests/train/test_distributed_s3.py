@@ -39,7 +39,7 @@ def test_two_process_torchrun_trains_and_publishes_one_adapter_to_s3(job_file, s
     # One checkpoint holding both ranks' ZeRO-2 optimizer shards, gathered by rank 0.
     assert {"engine/deepspeed/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "engine/deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "rng/rank-0.pt", "rng/rank-1.pt", "adapter/adapter_model.safetensors", "state.json"} <= files
+            "rng/rank-0.json", "rng/rank-1.json", "adapter/adapter_model.safetensors", "state.json"} <= files
 
     record = outcome["published"]
     assert record["uri"] == outcome["adapter_uri"]

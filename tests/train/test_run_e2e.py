@@ -91,7 +91,7 @@ def test_training_leaves_progress_checkpoints_and_a_loss_curve(finished_run: dic
     checkpoint = job_dir / "checkpoints" / f"step-{training['step']}"
     assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
     assert (checkpoint / "engine" / "optimizer.pt").is_file()
-    assert (checkpoint / "rng" / "rank-0.pt").is_file()
+    assert (checkpoint / "rng" / "rank-0.json").is_file()
     curve = [json.loads(line) for line in (job_dir / "logs" / "train-log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in curve][-1] == training["step"]
     assert curve[-1]["loss"] < curve[0]["loss"], "the loss did not go down"

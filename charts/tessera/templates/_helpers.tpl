@@ -130,11 +130,24 @@ seccompProfile:
   {{- range ($serving.allowedPrefixes | default (list $.Values.store.uri)) }}
   - --allowed-prefix={{ . }}
   {{- end }}
+  {{- if $.Values.tenancy.enabled }}
+  {{- /* Adapters only from the pod namespace's prefixes or the shared ones (POD_NAMESPACE, below). */}}
+  {{- range (include "tessera.tenancyRoots" $ | fromJsonArray) }}
+  - --store-root={{ . }}
+  {{- end }}
+  {{- range $.Values.tenancy.sharedPrefixes }}
+  - --shared-prefix={{ . }}
+  {{- end }}
+  {{- end }}
   - --resync-seconds={{ $serving.agent.resyncSeconds }}
   env:
   {{- include "tessera.storeEnv" $ | nindent 2 }}
   - name: HOME
     value: /tmp
+  - name: POD_NAMESPACE
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.namespace
   envFrom:
   # The store credentials: the agent alone fetches adapters; the runtime never sees them.
   - secretRef:
@@ -266,4 +279,13 @@ tolerations:
   secret:
     secretName: {{ .Values.auth.keysSecret }}
 {{- end }}
+{{- end -}}
+
+{{/* The store roots tenants share (tenancy.storeRoots, else store.uri), without a trailing '/', as JSON. */}}
+{{- define "tessera.tenancyRoots" -}}
+{{- $roots := list -}}
+{{- range (.Values.tenancy.storeRoots | default (list .Values.store.uri)) -}}
+{{- $roots = append $roots (trimSuffix "/" .) -}}
+{{- end -}}
+{{- toJson $roots -}}
 {{- end -}}

@@ -99,3 +99,43 @@ def rm_command(
     store, key = open_store(uri)
     store.delete(key, recursive=recursive)
     typer.echo(f"removed {store.uri(key)}")
+
+
+@app.command("tenant-key")
+def tenant_key_command(
+    namespace: str = typer.Option(..., "--namespace", "-n", help="The tenant namespace the key is for."),
+    store_root: list[str] = typer.Option(..., "--store-root", help="s3:// store root tenants share (repeatable)."),
+    shared_prefix: list[str] = typer.Option(["models"], "--shared-prefix", help="Read-only prefix (repeatable)."),
+    secret_name: str = typer.Option("tessera-store", help="Name of the Secret printed."),
+) -> None:
+    """Give a namespace its own MinIO user, limited to its prefixes, and print its store Secret.
+
+    The MinIO admin API is reached at S3_ENDPOINT (S3_USE_HTTPS) with MINIO_ROOT_USER and
+    MINIO_ROOT_PASSWORD from the environment (never from arguments). Pipe the output to
+    `kubectl apply -f -`: the new secret key is printed once, nowhere else.
+    """
+    import base64
+    import os
+
+    import yaml
+    from minio.credentials import StaticProvider
+    from minio.minioadmin import MinioAdmin
+
+    from tessera.api.tenancy import TenancyRules
+    from tessera.errors import InvalidSpecError
+    from tessera.store.tenant_keys import provision_tenant
+
+    missing = [name for name in ("S3_ENDPOINT", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD") if not os.environ.get(name)]
+    if missing:
+        raise InvalidSpecError([f"{name}: not set in the environment" for name in missing], "tessera store tenant-key")
+    secure = os.environ.get("S3_USE_HTTPS", "0").lower() in ("1", "true", "yes")
+    admin = MinioAdmin(endpoint=os.environ["S3_ENDPOINT"], secure=secure,
+                       credentials=StaticProvider(os.environ["MINIO_ROOT_USER"], os.environ["MINIO_ROOT_PASSWORD"]))
+    rules = TenancyRules(tuple(store_root), tuple(shared_prefix))
+    key = provision_tenant(admin, namespace, rules.tenant_prefixes(namespace), rules.shared())
+    data = {"S3_ENDPOINT": os.environ["S3_ENDPOINT"], "S3_USE_HTTPS": "1" if secure else "0",
+            "AWS_ACCESS_KEY_ID": key.access_key, "AWS_SECRET_ACCESS_KEY": key.secret_key}
+    typer.echo(yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                               "metadata": {"name": secret_name, "namespace": namespace},
+                               "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}},
+                              sort_keys=False), nl=False)

@@ -5,15 +5,22 @@ resume would take for a checkpoint):
 
     adapter/               the adapter after step N, a standard PEFT directory (evaluate/publish use it)
     engine/                optimizer + LR schedule (+ exact fp32 adapter weights), one file set per rank
-    rng/rank-<r>.pt        every rank's RNG states (LoRA dropout continues the same)
+    rng/rank-<r>.json      every rank's RNG states (LoRA dropout continues the same)
     state.json             step, trained tokens, device seconds, loss history, training fingerprint
 
 The data position needs no file: it follows from the step (see `plan.Schedule`).
+
+Nothing read back can run code: whoever can write the job's prefix could otherwise run code in its
+training pod, with its credentials, on the next resume. RNG states are JSON (numbers only), the
+engine's files load with `torch.load(weights_only=True)` (DeepSpeed's too: see
+`engine.load_weights_only`), the adapter is safetensors. A checkpoint from before this rule
+(rng/rank-<r>.pt, a pickle) resumes without its RNG states rather than unpickle them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -28,7 +35,9 @@ from tessera.train.plan import fingerprint_changes
 STATE_FILE = "state.json"
 ADAPTER_DIR = "adapter"
 ENGINE_DIR = "engine"
+log = logging.getLogger(__name__)
 RNG_DIR = "rng"
+LEGACY_RNG_SUFFIX = ".pt"
 
 
 class ResumeMismatchError(TesseraError):
@@ -69,27 +78,35 @@ class TrainState:
         )
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state as JSON-able numbers (no pickle: reading it back cannot run code)."""
     import numpy as np
     import torch
 
+    version, words, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(words), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(position), "hasGauss": int(has_gauss),
+                  "cachedGaussian": float(cached)},
+        "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((int(python["version"]), tuple(int(w) for w in python["state"]), python["gauss"]))
+    np.random.set_state((str(numpy["kind"]), np.asarray(numpy["keys"], dtype=np.uint32), int(numpy["pos"]),
+                         int(numpy["hasGauss"]), float(numpy["cachedGaussian"])))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _files_under(directory: Path) -> dict[str, bytes]:
@@ -112,8 +129,6 @@ def save_checkpoint(
 
     Returns the checkpoint's relative key on rank 0, None on the others.
     """
-    import torch
-
     local = workdir / f"checkpoint-{state.step}-rank-{env.rank}"
     shutil.rmtree(local, ignore_errors=True)
     local.mkdir(parents=True)
@@ -121,7 +136,7 @@ def save_checkpoint(
         engine.save(local / ENGINE_DIR)
         engine.save_adapter(local / ADAPTER_DIR, is_main=env.is_main)
         (local / RNG_DIR).mkdir(exist_ok=True)
-        torch.save(_rng_state(), local / RNG_DIR / f"rank-{env.rank}.pt")
+        (local / RNG_DIR / f"rank-{env.rank}.json").write_text(json.dumps(rng_state()))
         # Rank 0 already holds its own files; only the other ranks' shards travel.
         others = collective.gather_files({} if env.is_main else _files_under(local))
         if not env.is_main:
@@ -171,15 +186,16 @@ def find_resume_point(
 
 def restore(artifacts: JobArtifacts, engine: Any, state: TrainState, env: DistEnv, workdir: Path) -> None:
     """Load the checkpoint of `state.step` into `engine` (weights, optimizer, schedule) and the RNGs."""
-    import torch
-
     local = workdir / f"resume-{state.step}-rank-{env.rank}"
     shutil.rmtree(local, ignore_errors=True)
     try:
         artifacts.store.get_dir(artifacts.key(artifacts.checkpoint(state.step)), local)
         engine.load(local / ENGINE_DIR)
-        rng_file = local / RNG_DIR / f"rank-{env.rank}.pt"
-        # Our own file from the checkpoint just written by this job; RNG states are not plain tensors.
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        rng_file = local / RNG_DIR / f"rank-{env.rank}.json"
+        if rng_file.is_file():
+            set_rng_state(json.loads(rng_file.read_text()))
+        elif rng_file.with_suffix(LEGACY_RNG_SUFFIX).is_file():
+            log.warning("checkpoint step-%d keeps its RNG states as a pickle, which is never read (it could "
+                        "carry code): dropout after the resume differs from an uninterrupted run", state.step)
     finally:
         shutil.rmtree(local, ignore_errors=True)

@@ -154,6 +154,30 @@ def init_process_group(env: DistEnv, device_type: str) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
 
 
+# The only classes DeepSpeed's checkpoints hold besides tensors and containers (found by loading the
+# checkpoints of ZeRO 0-2, fp32 and bf16, with weights_only=True): plain data, rebuilt without calling
+# anything else. Any other global is refused by name: the resume fails, nothing runs.
+DEEPSPEED_CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+    """`torch.load` of a checkpoint file that cannot run code: tensors, containers and the plain
+    DeepSpeed classes above only (DeepSpeed's checkpoint engine's `load`, made safe)."""
+    import importlib
+
+    allowed = []
+    for name in DEEPSPEED_CHECKPOINT_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attribute))
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO (stage from the spec) with bf16/fp16 mixed precision where the hardware has it.
 
@@ -212,6 +236,9 @@ class DeepSpeedEngine:
             self.module.save_pretrained(directory)
 
     def load(self, directory: Path) -> None:
+        # DeepSpeed's own loader unpickles with weights_only=False: every file of ours goes through
+        # `load_weights_only` instead, so a planted pickle fails to load rather than runs.
+        self.engine.checkpoint_engine.load = load_weights_only
         path, _ = self.engine.load_checkpoint(
             str(directory), tag=DEEPSPEED_TAG, load_module_strict=False,
             load_optimizer_states=True, load_lr_scheduler_states=True,
