@@ -123,3 +123,64 @@ def test_experiment_fans_out_within_max_parallel_survives_a_restart_and_promotes
     assert status["reportUri"].endswith(f"experiments/{namespace}/ranks")
     reasons = {(e["type"], e["reason"]) for e in cluster.events(namespace, "ranks")}
     assert {("Normal", "CellStarted"), ("Warning", "CellFailed"), ("Normal", "WinnerPromoted")} <= reasons
+
+
+def katib_crd(plural: str, kind: str) -> dict:
+    """Katib's CRDs as upstream ships them: an open schema (x-kubernetes-preserve-unknown-fields)."""
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kubeflow.org"},
+            "spec": {"group": "kubeflow.org", "scope": "Namespaced",
+                     "names": {"plural": plural, "kind": kind, "singular": kind.lower(), "listKind": f"{kind}List"},
+                     "versions": [{"name": "v1beta1", "served": True, "storage": True,
+                                   "subresources": {"status": {}},
+                                   "schema": {"openAPIV3Schema": {"type": "object",
+                                                                  "x-kubernetes-preserve-unknown-fields": True}}}]}}
+
+
+def test_a_search_becomes_a_katib_experiment_whose_trials_fill_the_table(tiny_model: Path, tmp_path: Path) -> None:
+    """Katib is played by the test: it adds a Trial with Katib's observation and ends the Katib Experiment."""
+    (tmp_path / "katib-cluster").mkdir()
+    cluster = SimulatedCluster(tmp_path / "katib-cluster", controllers=False)
+    namespace = "team-k"
+    try:
+        cluster.server.register_crds([katib_crd("experiments", "Experiment"), katib_crd("trials", "Trial")])
+        document = experiment(namespace, tiny_model, tmp_path / "store", tmp_path / "missing.csv")
+        document["metadata"]["name"] = "search"
+        document["spec"]["matrix"] = {"axes": [{"name": "rank", "path": "lora.rank", "values": [4, 8, 16]}]}
+        document["spec"]["search"] = {"algorithm": "tpe", "maxTrials": 6}
+        cluster.create(document)
+        operator = OperatorProcess(cluster, [namespace], tmp_path / "operator.log").start()
+        try:
+            katib = cluster.wait_for("the Katib Experiment", lambda: cluster.get(
+                "kubeflow.org/v1beta1", "Experiment", namespace, "search"), 60, operator)
+            assert katib["spec"]["algorithm"] == {"algorithmName": "tpe"}
+            assert katib["spec"]["parallelTrialCount"] == 2
+            assert katib["metadata"]["ownerReferences"][0]["kind"] == "Experiment"
+            assert katib["metadata"]["ownerReferences"][0]["apiVersion"] == "tessera.dev/v1alpha1"
+            cluster.create({
+                "apiVersion": "kubeflow.org/v1beta1", "kind": "Trial",
+                "metadata": {"name": "search-x7k2p", "namespace": namespace,
+                             "labels": {"katib.kubeflow.org/experiment": "search"}},
+                "spec": {"parameterAssignments": [{"name": "rank", "value": "8"}]},
+            })
+            trials = cluster.kind("kubeflow.org/v1beta1", "Trial")
+            cluster.emulator.call(cluster.server.patch(trials, namespace, "search-x7k2p", {"status": {
+                "conditions": [{"type": "Succeeded", "status": "True"}],
+                "observation": {"metrics": [{"name": "accuracy", "latest": "0.8125"}]}}}, subresource="status"))
+            experiments = cluster.kind("kubeflow.org/v1beta1", "Experiment")
+            cluster.emulator.call(cluster.server.patch(experiments, namespace, "search", {"status": {
+                "conditions": [{"type": "Succeeded", "status": "True"}]}}, subresource="status"))
+
+            def mirrored() -> dict | None:
+                status = (cluster.get(*EXP, namespace, "search") or {}).get("status") or {}
+                return status if status.get("phase") == "Succeeded" else None
+
+            status = cluster.wait_for("the trials mirrored", mirrored, 60, operator)
+        finally:
+            operator.stop()
+    finally:
+        cluster.stop()
+    assert status["katibExperiment"] == "search"
+    assert [(c["name"], c["values"], c["phase"], c["score"]) for c in status["cells"]] == [
+        ("search-x7k2p", {"rank": "8"}, "Succeeded", 0.8125)]
+    assert status["bestCell"] == "search-x7k2p"
