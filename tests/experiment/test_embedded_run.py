@@ -133,3 +133,12 @@ def test_compare_reads_any_published_adapters_from_their_cards_and_logs(finished
     assert page.read_text().count("data:image/png;base64,") == 3
     refused = run_tessera("compare", str(finished["store"] / "jobs"))
     assert refused.returncode == 1 and "is not a published adapter" in refused.stderr
+
+
+def test_status_command_lists_the_recorded_cells(finished: dict[str, Any]) -> None:
+    shown = run_tessera("experiment", "status", "-f", finished["path"], "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    status = json.loads(shown.stdout)
+    assert (status["cellsTotal"], status["cellsDone"]) == (3, 3)
+    assert sorted(c["phase"] for c in status["cells"]) == ["Failed", "Succeeded", "Succeeded"]
+    assert status["winner"]["cell"] == finished["outcome"]["report"]["winner"]["cell"]
