@@ -61,8 +61,11 @@ def _trial_row(trial: dict[str, Any], experiment: Experiment, kube: Kube) -> Cel
     scores = dict((status.get("metrics") or {}).get("adapter") or {})
     if metric not in scores and observed.get(metric) not in (None, "unavailable"):
         scores[metric] = float(observed[metric])
+    # Until its FineTuneJob reports a phase, the trial's own conditions say where it is.
+    phase = status.get("phase") or {"Succeeded": "Succeeded", "Failed": "Failed", "Running": "Running",
+                                    "MetricsUnavailable": "Failed"}.get(_katib_phase(trial), "Pending")
     return CellResult(
-        name=name, values=values, phase=status.get("phase") or "Pending",
+        name=name, values=values, phase=phase,
         reason=(status.get("error") or {}).get("message"), adapter_scores=scores,
         adapter_uri=(status.get("adapterRef") or {}).get("uri"), device_hours=status.get("gpuHours"),
         cost=(status.get("cost") or {}).get("amount"),

@@ -116,3 +116,29 @@ def test_the_html_report_renders_its_plots_in_headless_chromium(finished: dict[s
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'data-rendered="3"' in dom.stdout
     assert '<table id="cells">' in dom.stdout
+
+
+def test_compare_reads_any_published_adapters_from_their_cards_and_logs(finished: dict[str, Any],
+                                                                         tmp_path: Path) -> None:
+    cells = [r for r in finished["outcome"]["report"]["cells"] if r["phase"] == "Succeeded"]
+    page = tmp_path / "compare.html"
+    shown = run_tessera("compare", *[r["adapterUri"] for r in cells], "--json", "--html", page)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    document = json.loads(shown.stdout)
+    by_uri = {row["adapterUri"]: row for row in document["cells"]}
+    for cell in cells:
+        row = by_uri[cell["adapterUri"]]
+        assert row["score"] == cell["score"] and row["cost"] == cell["cost"]
+        assert row["curve"] == cell["curve"]  # found through the card's lineage, in the same store
+    assert page.read_text().count("data:image/png;base64,") == 3
+    refused = run_tessera("compare", str(finished["store"] / "jobs"))
+    assert refused.returncode == 1 and "is not a published adapter" in refused.stderr
+
+
+def test_status_command_lists_the_recorded_cells(finished: dict[str, Any]) -> None:
+    shown = run_tessera("experiment", "status", "-f", finished["path"], "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    status = json.loads(shown.stdout)
+    assert (status["cellsTotal"], status["cellsDone"]) == (3, 3)
+    assert sorted(c["phase"] for c in status["cells"]) == ["Failed", "Succeeded", "Succeeded"]
+    assert status["winner"]["cell"] == finished["outcome"]["report"]["winner"]["cell"]

@@ -11,15 +11,17 @@ the local-directory store stands in for MinIO.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.operator.harness import SAMPLE_CSV, OperatorProcess, SimulatedCluster
+from tests.operator.harness import REPO, SAMPLE_CSV, OperatorProcess, SimulatedCluster
 
 pytestmark = pytest.mark.slow
 
+KUBECTL = REPO / ".tools" / "bin" / "kubectl"
 FTJ = ("tessera.dev/v1alpha1", "FineTuneJob")
 EXP = ("tessera.dev/v1alpha1", "Experiment")
 ADAPTER = ("tessera.dev/v1alpha1", "Adapter")
@@ -46,10 +48,9 @@ def experiment(namespace: str, tiny_model: Path, store: Path, missing: Path) -> 
         "spec": {
             "template": {"spec": template},
             "matrix": {
-                "axes": [{"name": "rank", "path": "lora.rank", "values": [2, 4, 8]},
-                         {"name": "data", "path": "dataset.uri", "values": [str(SAMPLE_CSV)]}],
-                # The fourth cell's data is missing: its prepare step fails, the others go on.
-                "include": [{"rank": 16, "data": str(missing)}],
+                # Two of the four cells name missing data: their prepare step fails, the others go on.
+                "axes": [{"name": "rank", "path": "lora.rank", "values": [2, 4]},
+                         {"name": "data", "path": "dataset.uri", "values": [str(SAMPLE_CSV), str(missing)]}],
             },
             "maxParallel": 2,
             "promote": True,
@@ -105,12 +106,13 @@ def test_experiment_fans_out_within_max_parallel_survives_a_restart_and_promotes
     assert 1 <= watch.most <= 2
 
     assert status["phase"] == "Succeeded" and status["cellsTotal"] == 4 and status["cellsDone"] == 4
-    rows = {row["values"]["rank"]: row for row in status["cells"]}
-    assert rows[16]["phase"] == "Failed" and "missing.csv" in rows[16]["reason"]
-    assert {rows[r]["phase"] for r in (2, 4, 8)} == {"Succeeded"}
-    assert all(rows[r]["adapterUri"] and rows[r]["cost"] > 0 for r in (2, 4, 8))
+    rows = {(row["values"]["rank"], row["values"]["data"] == str(SAMPLE_CSV)): row for row in status["cells"]}
+    for rank in (2, 4):
+        assert rows[rank, False]["phase"] == "Failed" and "missing.csv" in rows[rank, False]["reason"]
+        assert rows[rank, True]["phase"] == "Succeeded"
+        assert rows[rank, True]["adapterUri"] and rows[rank, True]["cost"] > 0
     winner = status["winner"]["cell"]
-    assert winner in {rows[r]["name"] for r in (2, 4, 8)} and status["bestCell"] == winner
+    assert winner in {rows[2, True]["name"], rows[4, True]["name"]} and status["bestCell"] == winner
 
     # Only the winner is served; the others are published, not promoted.
     adapters = cluster.list(*ADAPTER, namespace)
@@ -121,5 +123,76 @@ def test_experiment_fans_out_within_max_parallel_survives_a_restart_and_promotes
     report = json.loads((store / "experiments" / namespace / "ranks" / "report.json").read_text())
     assert report["winner"]["cell"] == winner
     assert status["reportUri"].endswith(f"experiments/{namespace}/ranks")
+    shown = subprocess.run([str(KUBECTL), "--kubeconfig", str(cluster.kubeconfig), "get", "ftx", "-n", namespace],
+                           capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert shown[:8] == ["NAME", "PHASE", "DONE", "TOTAL", "BEST", "SCORE", "COST", "AGE"]
+    assert shown[8:13] == ["ranks", "Succeeded", "4", "4", winner]
     reasons = {(e["type"], e["reason"]) for e in cluster.events(namespace, "ranks")}
     assert {("Normal", "CellStarted"), ("Warning", "CellFailed"), ("Normal", "WinnerPromoted")} <= reasons
+
+    # Deleting the experiment deletes its jobs (the garbage collector follows their owner references),
+    # not the adapter it promoted.
+    cluster.emulator.call(cluster.server.delete(cluster.kind(*EXP), namespace, "ranks"))
+    cluster.wait_for("the cell jobs to be collected", lambda: not cluster.list(*FTJ, namespace), 30)
+    assert [a["metadata"]["name"] for a in cluster.list(*ADAPTER, namespace)] == [winner]
+
+
+def katib_crd(plural: str, kind: str) -> dict:
+    """Katib's CRDs as upstream ships them: an open schema (x-kubernetes-preserve-unknown-fields)."""
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kubeflow.org"},
+            "spec": {"group": "kubeflow.org", "scope": "Namespaced",
+                     "names": {"plural": plural, "kind": kind, "singular": kind.lower(), "listKind": f"{kind}List"},
+                     "versions": [{"name": "v1beta1", "served": True, "storage": True,
+                                   "subresources": {"status": {}},
+                                   "schema": {"openAPIV3Schema": {"type": "object",
+                                                                  "x-kubernetes-preserve-unknown-fields": True}}}]}}
+
+
+def test_a_search_becomes_a_katib_experiment_whose_trials_fill_the_table(tiny_model: Path, tmp_path: Path) -> None:
+    """Katib is played by the test: it adds a Trial with Katib's observation and ends the Katib Experiment."""
+    (tmp_path / "katib-cluster").mkdir()
+    cluster = SimulatedCluster(tmp_path / "katib-cluster", controllers=False)
+    namespace = "team-k"
+    try:
+        cluster.server.register_crds([katib_crd("experiments", "Experiment"), katib_crd("trials", "Trial")])
+        document = experiment(namespace, tiny_model, tmp_path / "store", tmp_path / "missing.csv")
+        document["metadata"]["name"] = "search"
+        document["spec"]["matrix"] = {"axes": [{"name": "rank", "path": "lora.rank", "values": [4, 8, 16]}]}
+        document["spec"]["search"] = {"algorithm": "tpe", "maxTrials": 6}
+        cluster.create(document)
+        operator = OperatorProcess(cluster, [namespace], tmp_path / "operator.log").start()
+        try:
+            katib = cluster.wait_for("the Katib Experiment", lambda: cluster.get(
+                "kubeflow.org/v1beta1", "Experiment", namespace, "search"), 60, operator)
+            assert katib["spec"]["algorithm"] == {"algorithmName": "tpe"}
+            assert katib["spec"]["parallelTrialCount"] == 2
+            assert katib["metadata"]["ownerReferences"][0]["kind"] == "Experiment"
+            assert katib["metadata"]["ownerReferences"][0]["apiVersion"] == "tessera.dev/v1alpha1"
+            cluster.create({
+                "apiVersion": "kubeflow.org/v1beta1", "kind": "Trial",
+                "metadata": {"name": "search-x7k2p", "namespace": namespace,
+                             "labels": {"katib.kubeflow.org/experiment": "search"}},
+                "spec": {"parameterAssignments": [{"name": "rank", "value": "8"}]},
+            })
+            trials = cluster.kind("kubeflow.org/v1beta1", "Trial")
+            cluster.emulator.call(cluster.server.patch(trials, namespace, "search-x7k2p", {"status": {
+                "conditions": [{"type": "Succeeded", "status": "True"}],
+                "observation": {"metrics": [{"name": "accuracy", "latest": "0.8125"}]}}}, subresource="status"))
+            experiments = cluster.kind("kubeflow.org/v1beta1", "Experiment")
+            cluster.emulator.call(cluster.server.patch(experiments, namespace, "search", {"status": {
+                "conditions": [{"type": "Succeeded", "status": "True"}]}}, subresource="status"))
+
+            def mirrored() -> dict | None:
+                status = (cluster.get(*EXP, namespace, "search") or {}).get("status") or {}
+                return status if status.get("phase") == "Succeeded" else None
+
+            status = cluster.wait_for("the trials mirrored", mirrored, 60, operator)
+        finally:
+            operator.stop()
+    finally:
+        cluster.stop()
+    assert status["katibExperiment"] == "search"
+    assert [(c["name"], c["values"], c["phase"], c["score"]) for c in status["cells"]] == [
+        ("search-x7k2p", {"rank": "8"}, "Succeeded", 0.8125)]
+    assert status["bestCell"] == "search-x7k2p"

@@ -89,10 +89,19 @@ class Condition(KubeModel):
     observed_generation: int | None = None
 
 
-class KubeResource(KubeModel):
-    """What FineTuneJob and Adapter share: metadata, a spec naming a base model and its serving."""
+class NamedResource(KubeModel):
+    """A Tessera object: metadata and a spec, written back as kubectl shows it."""
 
     metadata: ObjectMeta
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The object as kubectl shows it (camelCase), without status."""
+        wire = self.to_wire()
+        return {key: wire[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in wire}
+
+
+class KubeResource(NamedResource):
+    """What FineTuneJob and Adapter share: metadata, a spec naming a base model and its serving."""
 
     @property
     def inference_service_name(self) -> str:
@@ -101,9 +110,4 @@ class KubeResource(KubeModel):
 
         spec = self.spec  # type: ignore[attr-defined]
         return spec.serving.inference_service or inference_service_for(spec.base_model.uri)
-
-    def to_manifest(self) -> dict[str, Any]:
-        """The object as kubectl shows it (camelCase), without status."""
-        wire = self.to_wire()
-        return {key: wire[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in wire}
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tessera.api.base import API_VERSION, Condition, KubeModel, ObjectMeta
+from tessera.api.base import API_VERSION, Condition, KubeModel, NamedResource, ObjectMeta
 from tessera.api.finetunejob import METRIC_NAMES, FineTuneJobSpec
 
 # The installation's cap on cells per experiment (the chart sets it on the operator and CLI).
@@ -210,12 +210,11 @@ class ExperimentStatus(KubeModel):
     observed_generation: int | None = None
 
 
-class Experiment(KubeModel):
+class Experiment(NamedResource):
     """A comparison of FineTuneJobs across bases, settings and costs, with the winner picked by a rule."""
 
     api_version: Literal["tessera.dev/v1alpha1"] = API_VERSION
     kind: Literal["Experiment"] = "Experiment"
-    metadata: ObjectMeta
     spec: ExperimentSpec
     status: ExperimentStatus | None = None
 
@@ -226,9 +225,6 @@ class Experiment(KubeModel):
             raise ValueError(f"name: at most {MAX_EXPERIMENT_NAME} characters (cell jobs add -<8 hex>)")
         return metadata
 
-    def to_manifest(self) -> dict[str, Any]:
-        wire = self.to_wire()
-        return {key: wire[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in wire}
 
 
 # --- paths and expansion -------------------------------------------------------------------------

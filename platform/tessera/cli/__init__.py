@@ -37,6 +37,7 @@ agent_commands.register(app)
 render_commands.register(app)
 app.add_typer(store_commands.app, name="store", help="List, copy and delete artifacts (s3:// or a directory).")
 app.add_typer(model_commands.app, name="model", help="Tiny model, GGUF import, upload to the store.")
+app.command("compare")(experiment_commands.compare)
 app.add_typer(experiment_commands.app, name="experiment",
               help="Experiments: a grid of FineTuneJobs compared side by side (run, status, report).")
 

@@ -79,3 +79,23 @@ def report(
 
     document = _client().report(name, namespace=namespace, store=store)
     typer.echo(json.dumps(document, indent=2) if as_json else markdown(document), nl=not as_json)
+
+
+def compare(
+    uris: list[str] = typer.Argument(..., help="Published adapter URIs (.../adapters/<ns>/<name>/<version>)."),
+    metric: str = typer.Option("accuracy", "--metric", help="The metric to rank by."),
+    output: Path | None = typer.Option(None, "--html", help="Also write the HTML report with its plots here."),
+    as_json: bool = AS_JSON,
+) -> None:
+    """Compare published adapters from their model cards and training logs (older runs too)."""
+    from tessera.api.experiment import Selection
+    from tessera.experiment.report import compare_adapters, figures, html_page, markdown
+    from tessera.experiment.results import read_adapter_result
+    from tessera.experiment.selection import select
+
+    results = [read_adapter_result(uri) for uri in uris]
+    selection = Selection(metric=metric)
+    document = compare_adapters(results, selection)
+    if output is not None:
+        output.write_text(html_page(document, figures(results, select(results, selection))))
+    typer.echo(json.dumps(document, indent=2) if as_json else markdown(document), nl=not as_json)

@@ -11,6 +11,7 @@ import html
 from typing import Any
 
 from tessera.api import Experiment
+from tessera.api.experiment import Selection
 from tessera.experiment import plots
 from tessera.experiment.results import CellResult
 from tessera.experiment.selection import Choice, select
@@ -25,7 +26,18 @@ def report_prefix(experiment: Experiment) -> str:
 
 def build_report(experiment: Experiment, results: list[CellResult], choice: Choice | None = None) -> dict[str, Any]:
     """The report document: the rule, the winner and why, a row per cell, and what makes cells incomparable."""
-    selection = experiment.spec.selection
+    return comparison(experiment.metadata.name, experiment.metadata.namespace,
+                      [{"name": a.name, "path": a.path} for a in experiment.spec.matrix.axes],
+                      experiment.spec.selection, results, choice)
+
+
+def compare_adapters(results: list[CellResult], selection: Selection) -> dict[str, Any]:
+    """The same report over published adapters that no experiment grouped (`tessera compare`)."""
+    return comparison("adapters", "-", [], selection, results)
+
+
+def comparison(name: str, namespace: str, axes: list[dict[str, str]], selection: Selection,
+               results: list[CellResult], choice: Choice | None = None) -> dict[str, Any]:
     choice = choice or select(results, selection)
     by_cell = {cell: candidate for candidate in choice.ranking for cell in candidate.cells}
     rows = []
@@ -40,9 +52,9 @@ def build_report(experiment: Experiment, results: list[CellResult], choice: Choi
         row["curve"] = [p.model_dump() for p in result.curve]
         rows.append(row)
     return {
-        "experiment": experiment.metadata.name,
-        "namespace": experiment.metadata.namespace,
-        "axes": [{"name": a.name, "path": a.path} for a in experiment.spec.matrix.axes],
+        "experiment": name,
+        "namespace": namespace,
+        "axes": axes,
         "selection": selection.model_dump(mode="json", by_alias=True, exclude_none=True),
         "metric": selection.metric,
         "maximize": selection.maximize,

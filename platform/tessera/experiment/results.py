@@ -15,6 +15,8 @@ from pydantic.alias_generators import to_camel
 
 from tessera.api import FineTuneJob, paths
 from tessera.api.adapter_dir import MODEL_CARD_FILE, ModelCard
+from tessera.errors import TesseraError
+from tessera.store import Store, join_key, open_store
 from tessera.store.jobs import JobArtifacts
 
 
@@ -70,26 +72,47 @@ class CellResult(BaseModel):
 
 def read_cell_result(job: FineTuneJob, *, values: dict[str, Any] | None = None, repeat: int = 0,
                      wall_seconds: float | None = None, artifacts: JobArtifacts | None = None) -> CellResult:
-    """The published cell `job`: `published.json` -> model card, the adapter's size, the training log.
+    """The published cell `job`: `published.json` -> its adapter's model card and size, the training log.
 
     `artifacts` is the job's store opened by the caller (the operator opens it with the job's Secret)."""
     artifacts = artifacts or JobArtifacts.open(job)
-    store = artifacts.store
-    record = store.get_json(artifacts.key(paths.published_key(job)))
+    record = artifacts.store.get_json(artifacts.key(paths.published_key(job)))
     adapter_key = artifacts.key(paths.adapter_prefix(job.metadata.namespace, record["name"], record["version"]))
-    card = ModelCard.read(store.get_json(f"{adapter_key}/{MODEL_CARD_FILE}"))
+    return read_published(artifacts.store, adapter_key,
+                          training_log(artifacts.store, artifacts.key(paths.logs_prefix(job))),
+                          name=job.metadata.name, values=values, repeat=repeat, wall_seconds=wall_seconds)
+
+
+def read_adapter_result(uri: str) -> CellResult:
+    """Any published adapter, from its URI: its model card, and the loss curve of the job its lineage names
+    when that job's logs are still in the same store (what `tessera compare` reads)."""
+    store, key = open_store(uri)
+    parts = key.split("/")
+    if len(parts) < 4 or parts[-4] != "adapters":
+        raise TesseraError(f"{uri} is not a published adapter (expected .../adapters/<namespace>/<name>/<version>)")
+    root = "/".join(parts[:-4])
+    card = ModelCard.read(store.get_json(f"{key}/{MODEL_CARD_FILE}"))
+    job = ((card.lineage or {}).get("job") or "").split("/")
+    entries = training_log(store, join_key(root, f"jobs/{job[0]}/{job[1]}/logs")) if len(job) == 2 else []
+    return read_published(store, key, entries, name=f"{card.name}@{card.version}", card=card)
+
+
+def read_published(store: Store, adapter_key: str, entries: list[dict[str, Any]], *, name: str,
+                   values: dict[str, Any] | None = None, repeat: int = 0, wall_seconds: float | None = None,
+                   card: ModelCard | None = None) -> CellResult:
+    """The row of one published adapter directory: its model card, its size, its training log entries."""
+    card = card or ModelCard.read(store.get_json(f"{adapter_key}/{MODEL_CARD_FILE}"))
     sizes = [store.stat(key) for key in store.list(adapter_key)]
     metrics = card.metrics or {}
     training = card.training or {}
     cost = card.cost or {}
-    entries = training_log(artifacts)
     curve = loss_curve(entries)
     losses = [point.loss for point in curve]
     return CellResult(
-        name=job.metadata.name,
+        name=name,
         values=values or {},
         repeat=repeat,
-        adapter_uri=record["uri"],
+        adapter_uri=store.uri(adapter_key),
         base_model=card.base_model_name,
         dataset_sha256=(card.dataset or {}).get("sha256"),
         task=card.task,
@@ -112,14 +135,15 @@ def read_cell_result(job: FineTuneJob, *, values: dict[str, Any] | None = None, 
     )
 
 
-def training_log(artifacts: JobArtifacts) -> list[dict[str, Any]]:
-    """The trainer's log: one entry per logging window (step, loss, tokens trained in it, tokens/s)."""
+def training_log(store: Store, logs_key: str) -> list[dict[str, Any]]:
+    """The trainer's log in a job's `logs/` directory: one entry per logging window (step, loss, tokens
+    trained in it, tokens/s); empty when the job left none."""
     from tessera.train.progress import TRAIN_LOG
 
-    key = artifacts.key(f"{paths.logs_prefix(artifacts.job)}/{TRAIN_LOG}")
-    if not artifacts.store.exists(key):
+    key = f"{logs_key}/{TRAIN_LOG}"
+    if not store.exists(key):
         return []
-    return [json.loads(line) for line in artifacts.store.get_bytes(key).decode().splitlines() if line.strip()]
+    return [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
 
 
 def loss_curve(entries: list[dict[str, Any]]) -> list[CurvePoint]:

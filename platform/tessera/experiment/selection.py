@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tessera.api.experiment import Selection
+from tessera.api.experiment import Selection, short_value
 from tessera.experiment.results import CellResult
 
 PROPORTION_METRICS = ("accuracy", "binary_accuracy")
@@ -91,7 +91,7 @@ def over_budget(result: CellResult, selection: Selection) -> str | None:
 
 
 def config_key(result: CellResult) -> str:
-    return ",".join(f"{k}={result.values[k]!r}" for k in sorted(result.values)) or result.name
+    return ", ".join(f"{k}={short_value(result.values[k])}" for k in sorted(result.values)) or result.name
 
 
 def select(results: list[CellResult], selection: Selection) -> Choice:
