@@ -1,4 +1,4 @@
-"""The job steps: `tessera prepare|train|evaluate|publish`, and `tessera run` for all four on one machine.
+"""The job steps: `tessera [label|]prepare|train|evaluate|publish`, and `tessera run` for all on one machine.
 
 Each takes the FineTuneJob YAML (`-f`) and `--set path=value` overrides, as `helm --set` does.
 The Argo Workflow's steps and the PyTorchJob's workers run exactly these commands.
@@ -60,6 +60,23 @@ def _json_only_stdout(as_json: bool) -> Iterator[None]:
 def _emit(result: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def label(
+    job_file: Path = JOB_FILE, set_: list[str] = OVERRIDES, as_json: bool = AS_JSON, progress: bool = PROGRESS,
+) -> None:
+    """Have spec.dataset.teacher label the rows without a label (cached: a rerun sends no request twice)."""
+    from tessera.label import label_job
+
+    job = _setup(job_file, set_)
+    with _json_only_stdout(as_json):
+        manifest = label_job(job, show_progress=progress)
+    counts = manifest["counts"]
+    typer.echo(f"labelled {counts['labelled']} of {counts['asked']} rows ({counts['cached']} from the cache): "
+               f"{counts['kept']} rows kept, {counts['droppedLowConfidence']} dropped for low confidence, "
+               f"{counts['unparsed']} unparsed; {manifest['wallSeconds']:.1f}s, cost "
+               f"{manifest['cost']['amount']:.4f} {manifest['cost']['currency']}", err=True)
+    _emit(manifest, as_json)
 
 
 def prepare(job_file: Path = JOB_FILE, set_: list[str] = OVERRIDES, as_json: bool = AS_JSON) -> None:
@@ -147,5 +164,5 @@ def run(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (prepare, train, evaluate, publish, run):
+    for command in (label, prepare, train, evaluate, publish, run):
         app.command(command.__name__)(command)
