@@ -29,6 +29,7 @@ from tessera_operator.builders import (
     submitted_generation,
     training_job_name,
     workflow_name,
+    workflow_parameters,
 )
 from tessera_operator.config import OperatorConfig
 from tessera_operator.serving import (
@@ -95,7 +96,8 @@ def test_workflow_template_is_valid_and_runs_the_four_steps_in_order():
     template = build_workflow_template()
     assert validate_against_crd(template) == []
     entry = next(t for t in template["spec"]["templates"] if t["name"] == template["spec"]["entrypoint"])
-    assert [group[0]["name"] for group in entry["steps"]] == ["prepare", "train", "evaluate", "publish"]
+    assert [group[0]["name"] for group in entry["steps"]] == ["label", "prepare", "train", "evaluate", "publish"]
+    assert entry["steps"][0][0]["when"] == "{{workflow.parameters.teacher}} == true"
     step = next(t for t in template["spec"]["templates"] if t["name"] == "tessera-step")
     assert step["container"]["command"] == ["tessera"]
     assert step["container"]["args"] == ["{{inputs.parameters.step}}", "-f", "/config/job.yaml"]
@@ -542,3 +544,29 @@ def test_unloading_an_adapter_a_replica_does_not_hold_is_done_and_other_refusals
     with pytest.raises(AdapterApiError) as refused:
         replica(503).unload(where, "x")
     assert refused.value.status == 503 and "HTTP 503" in str(refused.value)
+
+
+def test_only_the_steps_that_ask_a_teacher_get_its_key_from_the_jobs_secret():
+    """The label and evaluate steps read TEACHER_API_KEY from the Secret the job names (optional: a
+    teacher may need no key); prepare and publish never see it."""
+    template = build_workflow_template()
+    templates = {t["name"]: t for t in template["spec"]["templates"]}
+    entry = templates[template["spec"]["entrypoint"]]
+    chosen = {group[0]["name"]: group[0]["template"] for group in entry["steps"]}
+    keyed = {name for name, t in templates.items() if any(e["name"] == "TEACHER_API_KEY"
+                                                           for e in t.get("container", {}).get("env", []))}
+    assert {step for step, name in chosen.items() if name in keyed} == {"label", "evaluate"}
+    env = next(e for e in templates[chosen["label"]]["container"]["env"] if e["name"] == "TEACHER_API_KEY")
+    assert env == {"name": "TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "{{workflow.parameters.teacher-secret}}", "key": "TEACHER_API_KEY", "optional": True}}}
+    assert "value" not in env
+
+
+def test_a_teacher_job_runs_the_label_step_with_its_secret():
+    manifest = job_manifest()
+    manifest["spec"]["dataset"]["teacher"] = {"url": "http://llama-70b.models.svc/openai/v1", "model": "llama-70b",
+                                              "credentialsSecret": "teacher-key"}
+    parameters = workflow_parameters(build_workflow(effective_job(manifest, CONFIG), CONFIG))
+    assert (parameters["teacher"], parameters["teacher-secret"]) == ("true", "teacher-key")
+    plain = workflow_parameters(build_workflow(effective_job(job_manifest(), CONFIG), CONFIG))
+    assert plain["teacher"] == "false"

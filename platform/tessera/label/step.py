@@ -130,7 +130,8 @@ class _Progress:
         elapsed = time.monotonic() - self._started
         rate = self._done / elapsed if elapsed > 0 else 0.0
         eta = (self._total - self._done) / rate if rate > 0 else None
-        self._store.put_json(self._key, {"step": "label", "rowsDone": self._done, "rowsTotal": self._total,
+        # The trainer's progress document, counted in rows: the operator mirrors it into status.progress.
+        self._store.put_json(self._key, {"stage": "label", "step": self._done, "totalSteps": self._total,
                                          "percent": round(100 * self._done / max(self._total, 1), 1),
                                          "etaSeconds": eta})
 
