@@ -251,3 +251,23 @@ def test_a_killed_label_step_resumes_without_sending_an_answered_row_again(tmp_p
         manifest = label_job(job, show_progress=False)
     assert sum(server.answered.values()) == 12 and set(server.answered.values()) == {1}
     assert manifest["counts"]["cached"] == 3 and manifest["counts"]["kept"] == 12
+
+
+def test_tessera_label_fails_with_the_reason_and_exit_code_never_the_key(tmp_path, teacher):
+    """What a pod's log (and so the job's status and Events) gets from a failed label step."""
+    job = make_job(tmp_path, teacher.url, model="always-500", maxRetries=1)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job.to_manifest()))
+    env = {**os.environ, "TEACHER_API_KEY": API_KEY}
+    failed = subprocess.run([sys.executable, "-m", "tessera", "label", "-f", str(job_file), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    assert "5 of 5 rows could not be labelled" in failed.stderr and "HTTP 500" in failed.stderr
+    assert API_KEY not in failed.stderr + failed.stdout
+
+    job_file.write_text(yaml.safe_dump(make_job(tmp_path, teacher.url).to_manifest()))
+    done = subprocess.run([sys.executable, "-m", "tessera", "label", "-f", str(job_file), "--json", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["counts"]["kept"] == 6
+    assert "labelled 5 of 5 rows" in done.stderr and API_KEY not in done.stderr + done.stdout
