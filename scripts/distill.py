@@ -36,6 +36,7 @@ TEACHER_JOB = REPO / "examples" / "tfns-sentiment.yaml"
 JOB = REPO / "examples" / "tfns-distilled.yaml"
 BASE_MODEL = REPO / ".tessera" / "models" / "smollm2-135m-instruct"
 STORE = REPO / ".tessera" / "store"
+THROUGHPUT_PROMPTS = 100  # held-out prompts each model answers for the serving measurement
 
 
 def tessera(*args: str) -> dict:
@@ -106,7 +107,7 @@ def main() -> None:
 
         task = get_task("sentiment")
         heldout = (REPO / spec["dataset"]["evalUri"]).read_text()
-        texts = [row["text"] for row in csv.DictReader(io.StringIO(heldout))][: spec["evaluation"]["maxSamples"]]
+        texts = [row["text"] for row in csv.DictReader(io.StringIO(heldout))][:THROUGHPUT_PROMPTS]
         prompts = [task.to_example({"text": text, "label": "neutral"}).prompt for text in texts]
         concurrency = spec["dataset"]["teacher"]["maxConcurrency"]
         rates = {model: asyncio.run(throughput(f"{base_url}/openai/v1", model, prompts, concurrency))
