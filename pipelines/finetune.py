@@ -280,6 +280,9 @@ def _step_container(name: str, *, teacher_key: bool = False) -> Container:
         volume_mounts=[m.VolumeMount.model_validate(v) for v in VOLUME_MOUNTS],
         # The evaluate step runs on the GPU pool: its placement and GPU come in as a JSON patch.
         pod_spec_patch="{{inputs.parameters.pod-spec-patch}}",
+        # A failed step's last log lines (the CLI's one-line error) become its termination message,
+        # which Argo puts in the node's message and the operator in the job's status.error.
+        termination_message_policy="FallbackToLogsOnError",
         # Pod errors (node lost, eviction) are retried; a step that exits non-zero failed for real.
         retry_strategy=RetryStrategy(limit=2, retry_policy="OnError"),
     )

@@ -419,6 +419,24 @@ def test_failed_step_fails_the_job_with_its_reason_and_message(job):
     assert [(e.type, e.reason) for e in update.events] == [("Warning", "PrepareFailed")]
 
 
+def test_label_step_shows_its_progress_in_rows_and_its_failure_reason(job):
+    """The label step writes the trainer's progress shape counted in rows; a refused teacher fails the job
+    with the step's last log line (the container's termination message) as the error."""
+    progress = {"stage": "label", "step": 120, "totalSteps": 300, "percent": 40.0, "etaSeconds": 90.0}
+    running = derive_status(job, {"phase": "Pending"},
+                            Observation(workflow=workflow_with({"label": "Running"}), progress=progress),
+                            "2026-01-01T00:00:00Z")
+    assert running.status["phase"] == "Validating"
+    assert running.status["progress"] == {"percent": 40.0, "step": 120, "totalSteps": 300, "etaSeconds": 90.0}
+    reason = "error: teacher 'llama-70b' at vllm.models.svc refused the API key (HTTP 401)"
+    obs = Observation(workflow=workflow_with({"label": "Failed"}, phase="Failed",
+                                             messages={"label": f"Error (exit code 1): {reason}"}))
+    update = derive_status(job, {"phase": "Validating"}, obs, "2026-01-01T00:00:00Z")
+    assert update.status["phase"] == "Failed"
+    assert update.status["error"] == {"code": "LabelFailed", "message": f"Error (exit code 1): {reason}"}
+    assert [(e.type, e.reason) for e in update.events] == [("Warning", "LabelFailed")]
+
+
 def test_training_failure_says_what_the_training_operator_says(job):
     pytorchjob = {"status": {"conditions": [{"type": "Failed", "status": "True",
                                              "message": "1 Master replica(s) failed"}]}}
