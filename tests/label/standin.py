@@ -12,6 +12,7 @@ answer it gives, per prompt, so tests can prove what was (not) sent twice.
 - `garbage`: HTTP 200 with text that names no label ("I would rather not say.");
 - `slow`: waits `slow_seconds` before answering (longer than the client's timeout in tests);
 - `disagree`: answers positive, negative, neutral in turn for each prompt, so its samples disagree;
+- `recommender`: {"action": "buy", "conviction": 0.8}, but {"action": "sell"} (no conviction) for NRDX;
 - any other model: 404 with vLLM's message, as a wrong model name gets.
 A request without `Authorization: Bearer <key>` gets 401. `hold_after`: after that many answers,
 requests are held unanswered until `release()` (to kill a client mid-run at a known state).
@@ -26,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-MODELS = ("sentiment", "flaky-429", "flaky-500", "always-500", "garbage", "slow", "disagree")
+MODELS = ("sentiment", "flaky-429", "flaky-500", "always-500", "garbage", "slow", "disagree", "recommender")
 
 
 def sentiment_of(prompt: str) -> str:
@@ -123,6 +124,8 @@ class StandInTeacher:
     def _answer(self, model: str, prompt: str) -> str:
         if model == "garbage":
             return "I would rather not say."
+        if model == "recommender":
+            return '{"action": "sell"}' if "NRDX" in prompt else '{"action": "buy", "conviction": 0.8}'
         if model == "disagree":
             return ("positive", "negative", "neutral")[self.received[prompt] % 3]
         return sentiment_of(prompt)

@@ -271,3 +271,25 @@ def test_tessera_label_fails_with_the_reason_and_exit_code_never_the_key(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["counts"]["kept"] == 6
     assert "labelled 5 of 5 rows" in done.stderr and API_KEY not in done.stderr + done.stdout
+
+
+def test_recommendations_get_the_label_and_the_conviction_the_teacher_gives(tmp_path, teacher):
+    """The distillation study's task: buy/sell/hold with a conviction. An answer without a conviction
+    cannot make a training example: it is counted as unparsed."""
+    source = Path(__file__).resolve().parents[2] / "examples" / "data" / "recommendation.jsonl"
+    records = [json.loads(line) for line in source.read_text().splitlines()[:4]]
+    data = tmp_path / "companies.jsonl"
+    data.write_text("".join(json.dumps({"ticker": r["ticker"], "table": r["table"]}) + "\n" for r in records))
+    job = make_job(tmp_path, teacher.url, model="recommender")
+    job.spec.dataset.uri, job.spec.dataset.task, job.spec.dataset.label_map = str(data), "recommendation", {}
+    manifest = label_job(job, show_progress=False)
+    rows = read_jsonl(store_path(job, labelled_data_key(job)))
+    expected = [r["ticker"] for r in records if r["ticker"] != "NRDX"]
+    assert [r["ticker"] for r in rows] == expected
+    assert all((r["label"], r["conviction"]) == ("buy", 0.8) for r in rows)
+    assert manifest["counts"]["unparsed"] == len(records) - len(expected) == 1
+    from tessera.data import prepare
+
+    prepared = prepare(job, check_lengths=False)
+    completions = [json.loads(row["completion"]) for row in prepared.train + prepared.eval]
+    assert completions == [{"action": "buy", "conviction": 0.8}] * len(expected)

@@ -73,9 +73,8 @@ class BaseModelSpec(KubeModel):
 
 # ---- teacher labelling (spec.dataset.teacher) ----
 
-# Tasks whose rows ask one closed-label question and whose label is the whole answer (recommendation
-# also needs a conviction per row: not yet).
-TEACHER_TASKS = ("sentiment",)
+# Tasks whose rows ask one closed-label question (recommendation: with a conviction the teacher also gives).
+TEACHER_TASKS = ("sentiment", "recommendation")
 
 
 class TokenPrice(KubeModel):

@@ -33,7 +33,7 @@ from tessera.label.client import (
     teacher_host,
 )
 from tessera.store import Store, join_key
-from tessera.tasks import Task
+from tessera.tasks import ClassificationTask, Task
 from tessera.tasks.base import is_missing
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,8 @@ def render_prompt(teacher: TeacherSpec, task: Task, record: Mapping[str, Any]) -
             if name != task.label_field and not is_missing(record.get(name)):
                 prompt = prompt.replace("{" + name + "}", str(record[name]))
         return prompt
-    assert task.labels is not None and task.label_field is not None
-    # The prompt does not depend on the label: any valid one renders it.
-    return task.to_example({**record, task.label_field: task.labels[0]}).prompt
+    assert isinstance(task, ClassificationTask)
+    return task.teacher_prompt(record)
 
 
 def prompt_template_sha256(teacher: TeacherSpec, task: Task) -> str:
@@ -82,7 +81,8 @@ def vote(labels: Sequence[str | None], samples: int) -> tuple[str | None, float]
 
 @dataclass(frozen=True)
 class RowLabel:
-    """The teacher's verdict on one row. `label` None: unparsed (answers named no label) or failed (`error`)."""
+    """The teacher's verdict on one row. `label` None: unparsed (the answers named no label, or lacked a
+    field the task needs) or failed (`error`). `fields`: what the row gets (the label, and e.g. a conviction)."""
 
     key: str
     label: str | None
@@ -92,6 +92,7 @@ class RowLabel:
     tokens_out: int
     cached: bool
     error: str | None = None
+    fields: dict[str, Any] | None = None
 
 
 class TeacherCache:
@@ -117,9 +118,14 @@ class TeacherCache:
 
 
 def _verdict(key: str, task: Task, answers: Sequence[Answer], samples: int, cached: bool) -> RowLabel:
-    label, confidence = vote([task.parse(a.text) for a in answers], samples)
-    return RowLabel(key, label, confidence, tuple(a.text for a in answers), sum(a.tokens_in for a in answers),
-                    sum(a.tokens_out for a in answers), cached)
+    assert isinstance(task, ClassificationTask)
+    texts = tuple(a.text for a in answers)
+    label, confidence = vote([task.parse(text) for text in texts], samples)
+    fields = task.teacher_fields(label, texts) if label is not None else None
+    if fields is None:
+        label, confidence = None, 0.0
+    return RowLabel(key, label, confidence, texts, sum(a.tokens_in for a in answers),
+                    sum(a.tokens_out for a in answers), cached, fields=fields)
 
 
 async def _label_all(

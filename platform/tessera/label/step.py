@@ -69,7 +69,6 @@ def assemble(
     """(kept rows, rejected rows, counts, rows labelled by the teacher) from the teacher's verdicts.
 
     `asked` maps a record's index to the teacher's verdict on it; the others keep their human label."""
-    label_field = task.label_field or "label"
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     teacher_rows: list[int] = []
@@ -96,7 +95,7 @@ def assemble(
                              "label": verdict.label, "answers": list(verdict.answers)})
         else:
             counts["labelled"] += 1
-            kept.append({**_public(record), label_field: verdict.label})
+            kept.append({**_public(record), **(verdict.fields or {})})
             teacher_rows.append(len(kept))  # its row number in data.jsonl, as prepare will read it
     counts["kept"] = len(kept)
     return kept, rejected, counts, teacher_rows
