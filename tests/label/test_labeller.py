@@ -293,3 +293,14 @@ def test_recommendations_get_the_label_and_the_conviction_the_teacher_gives(tmp_
     prepared = prepare(job, check_lengths=False)
     completions = [json.loads(row["completion"]) for row in prepared.train + prepared.eval]
     assert completions == [{"action": "buy", "conviction": 0.8}] * len(expected)
+
+
+def test_a_teacher_that_fails_every_row_stops_the_step_after_a_few_rows(tmp_path, teacher):
+    """Bounded time: with the teacher down, the step gives up after 2 x maxConcurrency rows in a row
+    failed, instead of spending every row's retries."""
+    rows = [(f"$Z{i:02d} trades flat", "") for i in range(40)]
+    job = make_job(tmp_path, teacher.url, model="always-500", maxRetries=1, maxConcurrency=2)
+    write_dataset(Path(job.spec.dataset.uri), rows)
+    with pytest.raises(TeacherError, match=r"stopped after 4 rows in a row failed \(.*HTTP 500"):
+        label_job(job, show_progress=False, backoff_base=0.01)
+    assert 4 <= len(teacher.received) <= 5, "only the rows in flight when it stopped were asked"

@@ -152,9 +152,14 @@ async def _label_all(
         queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         for item in missing.items():
             queue.put_nowait(item)
-        fatal: list[TeacherRefusedError] = []
+        fatal: list[TeacherError] = []
+        # Rows failing one after the other with none answered: the teacher is down, not one row bad.
+        # Stopping then bounds the step's time by a few rows' retries, not by the whole dataset's.
+        streak_limit = max(3, 2 * teacher.max_concurrency)
+        streak = 0
 
         async def worker() -> None:
+            nonlocal streak
             while not queue.empty() and not fatal:
                 key, prompt = queue.get_nowait()
                 try:
@@ -165,7 +170,11 @@ async def _label_all(
                 except TeacherError as error:  # this row's retries are spent; the others go on
                     results[key] = RowLabel(key, None, 0.0, (), 0, 0, cached=False, error=str(error))
                     on_row(results[key])
+                    streak += 1
+                    if streak >= streak_limit:
+                        fatal.append(TeacherError(f"stopped after {streak} rows in a row failed ({error})"))
                     continue
+                streak = 0
                 await asyncio.to_thread(cache.put, key, answers)
                 results[key] = _verdict(key, task, answers, teacher.samples, cached=False)
                 on_row(results[key])
