@@ -144,6 +144,8 @@ def label_job(job: FineTuneJob, *, show_progress: bool = True, backoff_base: flo
     teacher = job.spec.dataset.teacher
     if teacher is None:
         raise NoTeacherError(f"{job.metadata.name}: spec.dataset.teacher is not set; nothing to label")
+    # httpx logs every request at INFO: thousands of lines that would bury the progress and the summary.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     dataset = job.spec.dataset
     task = get_task(dataset.task)
     artifacts = JobArtifacts.open(job)
