@@ -141,7 +141,9 @@ def _load_examples(
         prepared = load_prepared(job)
         rows = sample(prepared.eval, evaluation.max_samples, seed, lambda row: row.get("label"))
         train_labels = dict(prepared.manifest.get("labels", {}).get("train", {}))
-        return [Example.from_dict(row) for row in rows], train_labels, f"eval split of {job.spec.dataset.uri}", rows
+        dataset = job.spec.dataset
+        name = f"rows of {dataset.eval_uri}" if dataset.eval_uri else f"eval split of {dataset.uri}"
+        return [Example.from_dict(row) for row in rows], train_labels, name, rows
     dataset = job.spec.dataset
     source = read_dataset(data_uri, dataset.format, dataset.columns)
     good, bad = validate_records(source.records, task, job)
