@@ -14,8 +14,9 @@ answer it gives, per prompt, so tests can prove what was (not) sent twice.
 - `disagree`: answers positive, negative, neutral in turn for each prompt, so its samples disagree;
 - `recommender`: {"action": "buy", "conviction": 0.8}, but {"action": "sell"} (no conviction) for NRDX;
 - any other model: 404 with vLLM's message, as a wrong model name gets.
-A request without `Authorization: Bearer <key>` gets 401. `hold_after`: after that many answers,
-requests are held unanswered until `release()` (to kill a client mid-run at a known state).
+A request without `Authorization: Bearer <key>` gets 401 (unless the key is None: a server without
+keys). `hold_after`: after that many answers, requests are held unanswered until `release()` (to kill
+a client mid-run at a known state).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def sentiment_of(prompt: str) -> str:
 
 
 class StandInTeacher:
-    def __init__(self, api_key: str, *, slow_seconds: float = 5.0, hold_after: int | None = None) -> None:
+    def __init__(self, api_key: str | None, *, slow_seconds: float = 5.0, hold_after: int | None = None) -> None:
         self.api_key = api_key
         self.slow_seconds = slow_seconds
         self.hold_after = hold_after
@@ -83,7 +84,7 @@ class StandInTeacher:
         self.url = f"http://127.0.0.1:{port}/v1"
 
     def _authorized(self, request: web.Request) -> bool:
-        return request.headers.get("Authorization") == f"Bearer {self.api_key}"
+        return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
     @staticmethod
     def _error(status: int, message: str, **headers: str) -> web.Response:

@@ -51,3 +51,20 @@ def test_human_rows_are_the_eval_file_or_the_rows_the_teacher_did_not_label(tmp_
 def test_vote(labels, samples, expected):
     label, confidence = vote(labels, samples)
     assert (label, confidence) == (expected[0], pytest.approx(expected[1]))
+
+
+def test_serving_time_is_measured_on_the_server_with_each_prompt_asked_once():
+    """The stand-in teacher (tests/label/standin.py) plays a server with the student loaded."""
+    from tessera.evaluate.distillation import serving_seconds_per_prediction
+    from tessera.label import TeacherRefusedError
+
+    from tests.label.standin import StandInTeacher
+
+    prompts = [f"$S{i} shares up" for i in range(6)]
+    with StandInTeacher(None, slow_seconds=0.3) as server:
+        seconds = serving_seconds_per_prediction(server.url, "slow", prompts, concurrency=3, max_tokens=4)
+        with pytest.raises(TeacherRefusedError, match="does not serve model 'student'"):
+            serving_seconds_per_prediction(server.url, "student", prompts, concurrency=3, max_tokens=4)
+    assert dict(server.answered) == dict.fromkeys(prompts, 1)
+    # Six answers that each take slow_seconds, three at a time: two rounds over six predictions.
+    assert seconds >= 2 * server.slow_seconds / 6

@@ -66,6 +66,7 @@ def _tfns(path: Path, rows: list[dict[str, str]], *, keep_labels: bool) -> Path:
 def test_a_distillation_job_runs_end_to_end_with_lineage_and_the_teacher_vs_student_report(
     tmp_path, tiny_base, monkeypatch,
 ):
+    from tessera.evaluate.runner import evaluate_job
     from tessera.local.runner import run_job
     from tessera.tasks import get_task
 
@@ -91,12 +92,18 @@ def test_a_distillation_job_runs_end_to_end_with_lineage_and_the_teacher_vs_stud
             },
         })
         outcome = run_job(job, show_progress=False)
+        # `tessera evaluate --serving-url`: a second stand-in (no keys) plays the server the student is loaded on.
+        with StandInTeacher(None) as student_server:
+            served = evaluate_job(job, show_progress=False, serving=(student_server.url, "sentiment"))
 
-    asked = {prompt for prompt in teacher.received}
     task = get_task("sentiment")
     heldout_prompts = [task.to_example({"text": r["text"], "label": "neutral"}).prompt for r in sample[40:56]]
-    assert set(heldout_prompts) <= asked and set(teacher.answered.values()) == {1}, \
-        "every training and held-out tweet asked exactly once"
+    assert set(heldout_prompts) <= set(teacher.received) and set(teacher.answered.values()) == {1}, \
+        "every training and held-out tweet asked exactly once, the rerun of evaluate answered from the cache"
+    assert dict(student_server.answered) == dict.fromkeys(heldout_prompts, 1), "timed on the server: each row once"
+    served = served["distillation"]
+    seconds = served["costPer1000"]["studentServingSecondsPerPrediction"]
+    assert seconds > 0 and served["costPer1000"]["studentByServing"] == pytest.approx(1000 * seconds * 3.6 / 3600)
     section = outcome["evaluation"]["distillation"]
     golds = [TFNS_LABELS[r["label"]] for r in sample[40:56]]
     expected = sum(sentiment_of(p) == g for p, g in zip(heldout_prompts, golds, strict=True)) / len(golds)

@@ -120,6 +120,10 @@ def evaluate(
     set_: list[str] = OVERRIDES,
     adapter: str | None = typer.Option(None, "--adapter", help="Adapter URI (default: the job's checkpoint)."),
     data: str | None = typer.Option(None, "--data", help="Dataset URI (default: the job's eval split)."),
+    serving_url: str | None = typer.Option(
+        None, "--serving-url", help="A teacher job's student: also time it on this OpenAI-compatible server "
+        "(base URL, e.g. http://127.0.0.1:8080/openai/v1), where it is loaded as --serving-model."),
+    serving_model: str | None = typer.Option(None, "--serving-model", help="Default: the job's adapter name."),
     as_json: bool = AS_JSON,
     progress: bool = PROGRESS,
 ) -> None:
@@ -129,7 +133,8 @@ def evaluate(
 
     job = _setup(job_file, set_)
     with _json_only_stdout(as_json):
-        report = evaluate_job(job, adapter_uri=adapter, data_uri=data, show_progress=progress)
+        serving = (serving_url, serving_model or job.adapter_name) if serving_url else None
+        report = evaluate_job(job, adapter_uri=adapter, data_uri=data, show_progress=progress, serving=serving)
     typer.echo(format_table(report), err=as_json)
     _emit(report, as_json)
 

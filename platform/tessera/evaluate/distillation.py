@@ -6,8 +6,9 @@ a person wrote (all of `evalUri`; for an `evalSplit`, the rows the teacher did n
 one's accuracy, how often they agree, and each one's cost per 1,000 predictions:
 - the teacher's from its tokens per prediction at `teacher.price`, and from the seconds per
   prediction it took here at `spec.cost.pricePerDeviceHour` (for a teacher on a device you pay by the hour);
-- the student's from its measured throughput (predictions per second of the evaluate step's
-  batched generation on this device) at `spec.cost.pricePerDeviceHour`.
+- the student's from its measured throughput at `spec.cost.pricePerDeviceHour`: the evaluate step's
+  batched generation on this device, and, given a server with the student loaded
+  (`tessera evaluate --serving-url`), its answers there at the teacher's concurrency.
 """
 
 from __future__ import annotations
@@ -39,6 +40,33 @@ def per_thousand_by_tokens(tokens_in: int, tokens_out: int, predictions: int, pr
     if not predictions:
         return None
     return 1000 * (tokens_in * price.input_per_million + tokens_out * price.output_per_million) / 1e6 / predictions
+
+
+def serving_seconds_per_prediction(url: str, model: str, prompts: Sequence[str], concurrency: int,
+                                   max_tokens: int) -> float:
+    """Wall seconds per answer of `model` on a running OpenAI-compatible server, `concurrency` in flight
+    (the label step's client: the same checks, retries and errors)."""
+    import asyncio
+
+    from tessera.api.finetunejob import TeacherSpec
+    from tessera.label.client import TeacherClient
+
+    spec = TeacherSpec(url=url, model=model, max_concurrency=concurrency, max_tokens=max_tokens)
+
+    async def measure() -> float:
+        async with TeacherClient(spec, None) as client:
+            await client.check()
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(prompt: str) -> None:
+                async with gate:
+                    await client.ask(prompt)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one(prompt) for prompt in prompts))
+            return (time.perf_counter() - started) / len(prompts)
+
+    return asyncio.run(measure())
 
 
 def human_rows(job: FineTuneJob, rows: Sequence[Mapping[str, Any]], teacher_rows: Sequence[int]) -> list[int]:
@@ -74,9 +102,10 @@ def _eval_records(job: FineTuneJob, rows: Sequence[Mapping[str, Any]]) -> list[M
 
 def teacher_vs_student(
     job: FineTuneJob, task: Task, rows: Sequence[Mapping[str, Any]], student_answers: Sequence[str],
-    student_seconds_per_example: float | None,
+    student_seconds_per_example: float | None, serving: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The distillation section of a teacher job's report (asks the teacher what its cache lacks)."""
+    """The distillation section of a teacher job's report (asks the teacher what its cache lacks).
+    `serving`: (URL, model name) of a server with the student loaded, to time it there too."""
     from tessera.label import label_records, labelled_manifest, teacher_identity
     from tessera.label.client import RequestCounts
     from tessera.label.labeller import api_key_from_env
@@ -101,6 +130,9 @@ def teacher_vs_student(
     tokens_in, tokens_out = sum(v.tokens_in for v in verdicts), sum(v.tokens_out for v in verdicts)
     label_wall = manifest.get("wallSeconds")
     label_sent = manifest.get("counts", {}).get("asked", 0) - manifest.get("counts", {}).get("cached", 0)
+    served = None if serving is None else serving_seconds_per_prediction(
+        serving[0], serving[1], [rows[i]["prompt"] for i in chosen], teacher.max_concurrency,
+        job.spec.evaluation.max_new_tokens)
     return {
         **section,
         "teacher": teacher_identity(teacher, task),
@@ -112,6 +144,8 @@ def teacher_vs_student(
             "teacherByTokens": per_thousand_by_tokens(tokens_in, tokens_out, len(verdicts), teacher.price),
             "teacherByTime": per_thousand_by_time(seconds / asked if asked else None, price_per_hour),
             "studentByTime": per_thousand_by_time(student_seconds_per_example, price_per_hour),
+            "studentByServing": per_thousand_by_time(served, price_per_hour),
+            "studentServingSecondsPerPrediction": served,
             "pricePerDeviceHour": price_per_hour,
             "teacherSecondsPerPrediction": seconds / asked if asked else None,
             "studentSecondsPerPrediction": student_seconds_per_example,
@@ -133,5 +167,6 @@ def format_distillation(section: Mapping[str, Any]) -> str:
         f"agreement {cell(section['agreement'])}",
         f"  cost per 1,000 predictions ({currency}): teacher {cell(cost['teacherByTokens'], '.6f')} by tokens, "
         f"{cell(cost['teacherByTime'], '.6f')} by device time; student {cell(cost['studentByTime'], '.6f')} "
-        f"by device time (at {cost['pricePerDeviceHour']} per device hour)",
+        f"by device time, {cell(cost.get('studentByServing'), '.6f')} served (at {cost['pricePerDeviceHour']} "
+        "per device hour)",
     ])

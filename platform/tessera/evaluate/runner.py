@@ -179,8 +179,10 @@ def _candidates(job: FineTuneJob, artifacts: Any, adapter_uri: str | None, workd
 
 def evaluate_job(
     job: FineTuneJob, *, adapter_uri: str | None = None, data_uri: str | None = None, show_progress: bool = True,
+    serving: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Score base and adapter; write the job's report unless an ad-hoc adapter or dataset was given."""
+    """Score base and adapter; write the job's report unless an ad-hoc adapter or dataset was given.
+    `serving`: (OpenAI base URL, model name) where the adapter is served, to time a teacher job's student there."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -245,7 +247,7 @@ def evaluate_job(
         from tessera.evaluate.distillation import teacher_vs_student
 
         report["distillation"] = teacher_vs_student(job, task, rows, answers[chosen_name],
-                                                    adapter.get("secondsPerExample"))
+                                                    adapter.get("secondsPerExample"), serving)
     if adapter_uri is None and data_uri is None:
         artifacts.store.put_json(artifacts.key(paths.eval_report_key(job)), report)
     return report
