@@ -30,7 +30,7 @@ from tessera.api.tenancy import PolicyError
 from tessera.errors import InvalidSpecError
 from tessera_operator.config import OperatorConfig
 from tessera_pipelines.finetune import render_training_objects
-from tessera_pipelines.interface import JOB_FILE, json_parameter
+from tessera_pipelines.interface import DEFAULT_TEACHER_SECRET, JOB_FILE, json_parameter
 
 LABEL_JOB = "tessera.dev/job"
 LABEL_ADAPTER_VERSION = "tessera.dev/adapter-version"
@@ -216,7 +216,15 @@ def workflow_arguments(job: FineTuneJob, config: OperatorConfig) -> dict[str, st
         "tolerations": json_parameter(scheduling.tolerations),
         "priority-class-name": scheduling.priority_class_name or "",
         "eval-pod-spec-patch": json_parameter(eval_pod_spec_patch(job, config)),
+        **teacher_arguments(job),
     }
+
+
+def teacher_arguments(job: FineTuneJob) -> dict[str, str]:
+    """Whether the label step runs, and the Secret its key comes from (spec.dataset.teacher)."""
+    teacher = job.spec.dataset.teacher
+    return {"teacher": "true" if teacher else "false",
+            "teacher-secret": (teacher.credentials_secret if teacher else None) or DEFAULT_TEACHER_SECRET}
 
 
 def build_workflow(job: FineTuneJob, config: OperatorConfig, owner: dict[str, Any] | None = None) -> dict[str, Any]:

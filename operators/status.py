@@ -13,11 +13,14 @@ from tessera.api import FineTuneJob, FineTuneJobStatus
 from tessera.evaluate.report import improvement
 from tessera.redact import redact
 
-STEPS = ("prepare", "train", "evaluate", "publish")
-STEP_PHASE = {"prepare": "Validating", "train": "Training", "evaluate": "Evaluating", "publish": "Publishing"}
-STEP_CONDITION = {"prepare": "DataPrepared", "train": "Trained", "evaluate": "Evaluated", "publish": "Published"}
-STEP_FAILURE = {"prepare": "PrepareFailed", "train": "TrainingFailed", "evaluate": "EvaluationFailed",
-                "publish": "PublishFailed"}
+STEPS = ("label", "prepare", "train", "evaluate", "publish")
+# The label step (spec.dataset.teacher) readies the data, as prepare does: the job is Validating meanwhile.
+STEP_PHASE = {"label": "Validating", "prepare": "Validating", "train": "Training", "evaluate": "Evaluating",
+              "publish": "Publishing"}
+STEP_CONDITION = {"label": "DataLabelled", "prepare": "DataPrepared", "train": "Trained", "evaluate": "Evaluated",
+                  "publish": "Published"}
+STEP_FAILURE = {"label": "LabelFailed", "prepare": "PrepareFailed", "train": "TrainingFailed",
+                "evaluate": "EvaluationFailed", "publish": "PublishFailed"}
 
 EventType = Literal["Normal", "Warning"]
 

@@ -1,4 +1,7 @@
-"""The `tessera-finetune` Argo WorkflowTemplate, authored with Hera: prepare → train → evaluate → publish.
+"""The `tessera-finetune` Argo WorkflowTemplate, authored with Hera: [label →] prepare → train → evaluate → publish.
+
+The label step runs only for a job with `spec.dataset.teacher` (parameter `teacher`); it and the
+evaluate step read the teacher's key from the job's Secret (`teacher-secret`, key `TEACHER_API_KEY`).
 
 Every step runs the project's own CLI against the job manifest, which the operator freezes into a
 ConfigMap named after the Workflow (`{{workflow.name}}`) and every pod mounts at `/config`. A
@@ -74,6 +77,7 @@ from tessera_pipelines.interface import (
     JOB_FILE,
     PARAMETERS,
     SERVICE_ACCOUNT,
+    TEACHER_KEY_ENV,
     TEMPLATE_NAME,
 )
 
@@ -254,21 +258,31 @@ def _training_resource(kind: str, manifest: str) -> Resource:
                     success_condition=success, failure_condition=failure)
 
 
-def _step_container(name: str) -> Container:
-    """One container template for prepare, evaluate and publish: `tessera <step> -f /config/job.yaml`."""
+def _teacher_key_env() -> m.EnvVar:
+    """The teacher's API key from the job's Secret (spec.dataset.teacher.credentialsSecret), if it has one."""
+    return m.EnvVar(name=TEACHER_KEY_ENV, value_from=m.EnvVarSource(secret_key_ref=m.SecretKeySelector(
+        name=_param("teacher-secret"), key=TEACHER_KEY_ENV, optional=True)))
+
+
+def _step_container(name: str, *, teacher_key: bool = False) -> Container:
+    """One container template for the steps in pods of their own: `tessera <step> -f /config/job.yaml`.
+    Only the steps that ask the teacher (`label`, and `evaluate` for teacher vs student) see its key."""
     return Container(
         name=name,
         inputs=[Parameter(name="step"), Parameter(name="pod-spec-patch", default="{}")],
         image=_param("image"),
         command=["tessera"],
         args=["{{inputs.parameters.step}}", "-f", JOB_FILE],
-        env=[m.EnvVar(name=e["name"], value=e["value"]) for e in ENV],
+        env=[m.EnvVar(name=e["name"], value=e["value"]) for e in ENV] + ([_teacher_key_env()] if teacher_key else []),
         env_from=[SecretEnvFrom(name=_param("store-secret"), optional=True)],
         resources=m.ResourceRequirements(requests={"cpu": m.Quantity("1"), "memory": m.Quantity("4Gi")}),
         security_context=m.SecurityContext.model_validate(CONTAINER_SECURITY_CONTEXT),
         volume_mounts=[m.VolumeMount.model_validate(v) for v in VOLUME_MOUNTS],
         # The evaluate step runs on the GPU pool: its placement and GPU come in as a JSON patch.
         pod_spec_patch="{{inputs.parameters.pod-spec-patch}}",
+        # A failed step's last log lines (the CLI's one-line error) become its termination message,
+        # which Argo puts in the node's message and the operator in the job's status.error.
+        termination_message_policy="FallbackToLogsOnError",
         # Pod errors (node lost, eviction) are retried; a step that exits non-zero failed for real.
         retry_strategy=RetryStrategy(limit=2, retry_policy="OnError"),
     )
@@ -290,6 +304,7 @@ def build_workflow_template() -> dict[str, Any]:
         volumes=[m.Volume.model_validate(v) for v in STEP_VOLUMES],
     ) as template:
         step = _step_container("tessera-step")
+        teacher_step = _step_container("tessera-teacher-step", teacher_key=True)
         runtime = Resource(name="trainingruntime", action="create", set_owner_reference=True,
                            manifest=trainingruntime_manifest())
         pytorchjob = _training_resource("pytorchjob", pytorchjob_manifest())
@@ -301,11 +316,13 @@ def build_workflow_template() -> dict[str, Any]:
                 Step(name="pytorchjob", template=pytorchjob, when=f"{launcher} == pytorchjob")
                 Step(name="trainjob", template=trainjob, when=f"{launcher} == trainjob")
         with Steps(name="finetune"):
+            Step(name="label", template=teacher_step, arguments={"step": "label"},
+                 when=f"{_param('teacher')} == true")
             Step(name="prepare", template=step, arguments={"step": "prepare"})
             Step(name="train", template=train)
             Step(
                 name="evaluate",
-                template=step,
+                template=teacher_step,
                 arguments={"step": "evaluate", "pod-spec-patch": _param("eval-pod-spec-patch")},
             )
             Step(name="publish", template=step, arguments={"step": "publish"})

@@ -16,8 +16,10 @@ TEMPLATE_NAME = "tessera-finetune"
 DEFAULT_IMAGE = f"ghcr.io/tessera-ml/tessera-trainer:{__version__}"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_STORE_SECRET = "tessera-store"  # noqa: S105 (the name of a Secret, not a credential)
+DEFAULT_TEACHER_SECRET = "tessera-teacher"  # noqa: S105 (a Secret's name; optional: a teacher may need no key)
 SERVICE_ACCOUNT = "tessera-pipeline"
 JOB_FILE = "/config/job.yaml"
+TEACHER_KEY_ENV = "TEACHER_API_KEY"  # noqa: S105 (a variable's name): what tessera.label reads
 
 # The template's interface: every parameter the operator passes, with the default the template uses.
 PARAMETERS: dict[str, str] = {
@@ -36,6 +38,9 @@ PARAMETERS: dict[str, str] = {
     "tolerations": "[]",
     "priority-class-name": "",
     "eval-pod-spec-patch": "{}",
+    # spec.dataset.teacher: "true" runs the label step first; the Secret holds TEACHER_API_KEY.
+    "teacher": "false",
+    "teacher-secret": DEFAULT_TEACHER_SECRET,
 }
 
 

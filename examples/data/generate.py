@@ -22,6 +22,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TFNS_SAMPLE_ROWS = 400
 TFNS_SEED = 7
+# examples/tfns-distilled.yaml: tweets for a teacher to label (labels removed) and human-labelled held-out
+# tweets, none of them in tfns-sample.csv (the teacher's own training data).
+TFNS_UNLABELLED_ROWS, TFNS_HELDOUT_ROWS = 300, 200
+TFNS_DISTILLED_SEED = 11
 
 PEOPLE = ["Maria Lindqvist", "John Carter", "Akira Tanaka", "Sofia Rossi", "David Okafor", "Emma Schmidt",
           "Lucas Martin", "Priya Natarajan", "Olli Virtanen", "Hannah Becker", "Carlos Mendez", "Grace Liu"]
@@ -211,6 +215,18 @@ def tfns_sample(source: Path) -> str:
     return _csv(picked[:TFNS_SAMPLE_ROWS], ["text", "label"])
 
 
+def tfns_distilled(source: Path, sample: str) -> dict[str, str]:
+    """tfns-unlabelled.csv (label column empty) and tfns-heldout.csv, drawn from the rows not in `sample`."""
+    with source.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    taken = {row["text"] for row in csv.DictReader(io.StringIO(sample))}
+    rest = [row for row in rows if row["text"] not in taken]
+    picked = random.Random(TFNS_DISTILLED_SEED).sample(rest, TFNS_UNLABELLED_ROWS + TFNS_HELDOUT_ROWS)
+    unlabelled = [{"text": row["text"], "label": ""} for row in picked[:TFNS_UNLABELLED_ROWS]]
+    return {"tfns-unlabelled.csv": _csv(unlabelled, ["text", "label"]),
+            "tfns-heldout.csv": _csv(picked[TFNS_UNLABELLED_ROWS:], ["text", "label"])}
+
+
 SYNTHETIC: dict[str, Callable[[random.Random], str]] = {
     "ner.jsonl": ner,
     "xbrl-tags.csv": xbrl_tags,
@@ -235,6 +251,7 @@ def main() -> None:
     files = synthetic_files()
     if args.tfns:
         files["tfns-sample.csv"] = tfns_sample(args.tfns)
+        files |= tfns_distilled(args.tfns, files["tfns-sample.csv"])
     for name, content in files.items():
         (args.out / name).write_text(content, encoding="utf-8")
         print(f"wrote {args.out / name}")

@@ -736,6 +736,18 @@ def test_job_pods_talk_to_each_other_the_store_and_the_api_server_only() -> None
     assert namespaces == {"research"}
 
 
+def test_job_pods_reach_a_teacher_endpoint_only_where_job_egress_allows() -> None:
+    """spec.dataset.teacher: the label and evaluate steps call the teacher, which is no peer by default."""
+    teacher = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "models"}}}],
+               "ports": [{"protocol": "TCP", "port": 80}]}
+    docs = render({**COMBINATIONS["namespaced"], "networkPolicy.jobEgress": [teacher]})
+    (jobs,) = [p["spec"] for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-jobs")]
+    assert jobs["egress"][-1] == teacher
+    (default,) = [p["spec"] for p in of_kind(render(COMBINATIONS["namespaced"]), "NetworkPolicy")
+                  if p["metadata"]["name"].endswith("-jobs")]
+    assert teacher not in default["egress"]
+
+
 def test_network_policies_can_be_turned_off() -> None:
     assert of_kind(render(COMBINATIONS["no-network-policy"]), "NetworkPolicy") == []
 

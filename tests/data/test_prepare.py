@@ -129,7 +129,7 @@ def test_fixtures_are_what_the_generator_writes(tmp_path):
     subprocess.run([sys.executable, str(EXAMPLES / "generate.py"), "--out", str(tmp_path),
                     *(["--tfns", str(tfns)] if tfns.exists() else [])], check=True, capture_output=True)
     generated = sorted(p.name for p in tmp_path.iterdir())
-    assert len(generated) == (8 if tfns.exists() else 7)
+    assert len(generated) == (10 if tfns.exists() else 7)  # TFNS: the sample, and the distillation pair
     for name in generated:
         assert (tmp_path / name).read_bytes() == (EXAMPLES / name).read_bytes(), name
 

@@ -7,8 +7,8 @@ What stands in for what:
   this machine's Python environment. Volumes become directories under a per-pod sandbox
   (configMap and secret volumes are written out, emptyDirs are empty) and a path that starts with
   a mount path (`/config/job.yaml`, HOME=/tmp) is rebased into the sandbox, which plays the
-  container's filesystem. `env`, `envFrom` (ConfigMaps and Secrets, `optional` honoured) and the
-  kubelet's `$(VAR)` expansion in command and args are as in Kubernetes. A failed container's
+  container's filesystem. `env` (values and Secret keys), `envFrom` (ConfigMaps and Secrets, `optional`
+  honoured) and the kubelet's `$(VAR)` expansion in command and args are as in Kubernetes. A failed container's
   termination message is the tail of its log (`terminationMessagePolicy: FallbackToLogsOnError`).
   Not emulated: images, resources and GPUs, node selection, security contexts, podSpecPatch.
 - `ArgoController` is Argo's workflow controller: it resolves the `workflowTemplateRef`, merges
@@ -168,6 +168,13 @@ class LocalPods:
         for var in container.get("env") or []:
             if "value" in var:
                 env[var["name"]] = _expand(var["value"], env)
+            elif "secretKeyRef" in (var.get("valueFrom") or {}):
+                ref = var["valueFrom"]["secretKeyRef"]
+                data = self._data_of("secrets", namespace, ref["name"], bool(ref.get("optional"))) or {}
+                if ref["key"] in data:
+                    env[var["name"]] = data[ref["key"]]
+                elif not ref.get("optional"):
+                    raise PodStartError(f"CreateContainerConfigError: key {ref['key']} not in Secret {ref['name']}")
         return env
 
     async def start(self, name: str, namespace: str, pod_spec: dict[str, Any], container: dict[str, Any],

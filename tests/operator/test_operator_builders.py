@@ -29,6 +29,7 @@ from tessera_operator.builders import (
     submitted_generation,
     training_job_name,
     workflow_name,
+    workflow_parameters,
 )
 from tessera_operator.config import OperatorConfig
 from tessera_operator.serving import (
@@ -100,7 +101,8 @@ def test_workflow_template_is_valid_and_runs_the_four_steps_in_order():
     template = build_workflow_template()
     assert validate_against_crd(template) == []
     entry = next(t for t in template["spec"]["templates"] if t["name"] == template["spec"]["entrypoint"])
-    assert [group[0]["name"] for group in entry["steps"]] == ["prepare", "train", "evaluate", "publish"]
+    assert [group[0]["name"] for group in entry["steps"]] == ["label", "prepare", "train", "evaluate", "publish"]
+    assert entry["steps"][0][0]["when"] == "{{workflow.parameters.teacher}} == true"
     step = next(t for t in template["spec"]["templates"] if t["name"] == "tessera-step")
     assert step["container"]["command"] == ["tessera"]
     assert step["container"]["args"] == ["{{inputs.parameters.step}}", "-f", "/config/job.yaml"]
@@ -426,6 +428,24 @@ def test_failed_step_fails_the_job_with_its_reason_and_message(job):
     assert [(e.type, e.reason) for e in update.events] == [("Warning", "PrepareFailed")]
 
 
+def test_label_step_shows_its_progress_in_rows_and_its_failure_reason(job):
+    """The label step writes the trainer's progress shape counted in rows; a refused teacher fails the job
+    with the step's last log line (the container's termination message) as the error."""
+    progress = {"stage": "label", "step": 120, "totalSteps": 300, "percent": 40.0, "etaSeconds": 90.0}
+    running = derive_status(job, {"phase": "Pending"},
+                            Observation(workflow=workflow_with({"label": "Running"}), progress=progress),
+                            "2026-01-01T00:00:00Z")
+    assert running.status["phase"] == "Validating"
+    assert running.status["progress"] == {"percent": 40.0, "step": 120, "totalSteps": 300, "etaSeconds": 90.0}
+    reason = "error: teacher 'llama-70b' at vllm.models.svc refused the API key (HTTP 401)"
+    obs = Observation(workflow=workflow_with({"label": "Failed"}, phase="Failed",
+                                             messages={"label": f"Error (exit code 1): {reason}"}))
+    update = derive_status(job, {"phase": "Validating"}, obs, "2026-01-01T00:00:00Z")
+    assert update.status["phase"] == "Failed"
+    assert update.status["error"] == {"code": "LabelFailed", "message": f"Error (exit code 1): {reason}"}
+    assert [(e.type, e.reason) for e in update.events] == [("Warning", "LabelFailed")]
+
+
 def test_training_failure_says_what_the_training_operator_says(job):
     pytorchjob = {"status": {"conditions": [{"type": "Failed", "status": "True",
                                              "message": "1 Master replica(s) failed"}]}}
@@ -551,3 +571,29 @@ def test_unloading_an_adapter_a_replica_does_not_hold_is_done_and_other_refusals
     with pytest.raises(AdapterApiError) as refused:
         replica(503).unload(where, "x")
     assert refused.value.status == 503 and "HTTP 503" in str(refused.value)
+
+
+def test_only_the_steps_that_ask_a_teacher_get_its_key_from_the_jobs_secret():
+    """The label and evaluate steps read TEACHER_API_KEY from the Secret the job names (optional: a
+    teacher may need no key); prepare and publish never see it."""
+    template = build_workflow_template()
+    templates = {t["name"]: t for t in template["spec"]["templates"]}
+    entry = templates[template["spec"]["entrypoint"]]
+    chosen = {group[0]["name"]: group[0]["template"] for group in entry["steps"]}
+    keyed = {name for name, t in templates.items() if any(e["name"] == "TEACHER_API_KEY"
+                                                           for e in t.get("container", {}).get("env", []))}
+    assert {step for step, name in chosen.items() if name in keyed} == {"label", "evaluate"}
+    env = next(e for e in templates[chosen["label"]]["container"]["env"] if e["name"] == "TEACHER_API_KEY")
+    assert env == {"name": "TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "{{workflow.parameters.teacher-secret}}", "key": "TEACHER_API_KEY", "optional": True}}}
+    assert "value" not in env
+
+
+def test_a_teacher_job_runs_the_label_step_with_its_secret():
+    manifest = job_manifest()
+    manifest["spec"]["dataset"]["teacher"] = {"url": "http://llama-70b.models.svc/openai/v1", "model": "llama-70b",
+                                              "credentialsSecret": "teacher-key"}
+    parameters = workflow_parameters(build_workflow(effective_job(manifest, CONFIG), CONFIG))
+    assert (parameters["teacher"], parameters["teacher-secret"]) == ("true", "teacher-key")
+    plain = workflow_parameters(build_workflow(effective_job(job_manifest(), CONFIG), CONFIG))
+    assert plain["teacher"] == "false"

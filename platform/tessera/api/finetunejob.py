@@ -72,6 +72,60 @@ class BaseModelSpec(KubeModel):
         return self
 
 
+# ---- teacher labelling (spec.dataset.teacher) ----
+
+# Tasks whose rows ask one closed-label question (recommendation: with a conviction the teacher also gives).
+TEACHER_TASKS = ("sentiment", "recommendation")
+
+
+class TokenPrice(KubeModel):
+    """What the teacher's endpoint costs per million tokens (for the manifest's cost line)."""
+
+    input_per_million: float = Field(0.0, ge=0.0)
+    output_per_million: float = Field(0.0, ge=0.0)
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
+
+
+class TeacherSpec(KubeModel):
+    """A model on an OpenAI-compatible endpoint that labels the rows whose label is empty, before prepare."""
+
+    url: str = Field(
+        pattern=r"^https?://[^\s/@]+(:\d+)?(/[^\s]*)?$",
+        description="Base URL of the OpenAI-compatible API, e.g. http://vllm-70b.models.svc/openai/v1 "
+        "(requests go to <url>/chat/completions). No credentials in the URL: use credentialsSecret.",
+    )
+    model: str = Field(min_length=1, max_length=253, description="A base model or adapter name on that server.")
+    credentials_secret: DnsSubdomain | None = Field(
+        None, description="Secret with TEACHER_API_KEY (sent as a bearer token, never logged). Embedded mode: "
+        "the TEACHER_API_KEY environment variable.",
+    )
+    prompt: str | None = Field(
+        None, max_length=20000,
+        description="Prompt override; {text} (or any task field in braces) is replaced by the row's value. "
+        "Default: the task's own instruction prompt, as the student is trained on.",
+    )
+    max_concurrency: int = Field(8, ge=1, le=512)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(16, ge=1, le=4096)
+    samples: int = Field(1, ge=1, le=32, description="Answers per row; the majority label wins.")
+    min_confidence: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of the samples that must agree; rows below are dropped and counted."
+    )
+    price: TokenPrice = Field(default_factory=TokenPrice)
+    relabel: bool = Field(False, description="Also label rows that already have a label (their label is replaced).")
+    allow_partial: bool = Field(
+        False, description="Train on the rows labelled when some requests failed for good; default: fail the step."
+    )
+    timeout_seconds: float = Field(60.0, gt=0.0, le=3600.0, description="Per request.")
+    max_retries: int = Field(4, ge=0, le=20, description="Retries of a request answered 429/5xx or cut off.")
+
+    @model_validator(mode="after")
+    def _samples_can_disagree(self) -> TeacherSpec:
+        if self.samples > 1 and self.temperature == 0.0:
+            raise ValueError("samples: several answers at temperature 0 are the same answer; set temperature > 0")
+        return self
+
+
 class DatasetSpec(KubeModel):
     """Where the data is and how its columns map onto the task's fields."""
 
@@ -89,11 +143,18 @@ class DatasetSpec(KubeModel):
     on_bad_rows: Literal["fail", "skip"] = Field("fail", description="Fail the job or skip rows that break rules.")
     max_rows: int | None = Field(None, ge=1, description="Deterministic sample of this many rows.")
     max_eval_rows: int | None = Field(None, ge=1, description="Cap on evaluation rows.")
+    teacher: TeacherSpec | None = Field(None, description="Label the rows without a label with this model first.")
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DatasetSpec:
         if self.eval_uri and "eval_split" in self.model_fields_set:
             raise ValueError("evalSplit: set either evalSplit or evalUri, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_task(self) -> DatasetSpec:
+        if self.teacher and self.task not in TEACHER_TASKS:
+            raise ValueError(f"teacher: labels tasks {', '.join(TEACHER_TASKS)}; not {self.task!r}")
         return self
 
 

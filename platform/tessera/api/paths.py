@@ -40,3 +40,24 @@ def published_key(job: FineTuneJob) -> str:
 def adapter_prefix(namespace: str, name: str, version: str) -> str:
     return f"adapters/{namespace}/{name}/{version}"
 
+
+
+# ---- teacher labelling (spec.dataset.teacher) ----
+
+def labelled_prefix(job: FineTuneJob) -> str:
+    """The label step's output: `data.jsonl` (what prepare reads), `manifest.json`, `rejected.json`."""
+    return f"{job_prefix(job)}/labelled"
+
+
+def teacher_cache_prefix(namespace: str) -> str:
+    """The tenant's teacher answers, one object per (teacher, prompt, text) hash: shared by its jobs and
+    kept by `tessera run --fresh`, so no request is ever paid for twice. A job name cannot start with '_'."""
+    return f"jobs/{namespace}/_teacher-cache"
+
+
+def labelled_data_key(job: FineTuneJob) -> str:
+    return f"{labelled_prefix(job)}/data.jsonl"
+
+
+def labelled_manifest_key(job: FineTuneJob) -> str:
+    return f"{labelled_prefix(job)}/manifest.json"

@@ -1,4 +1,4 @@
-"""The job steps: `tessera prepare|train|evaluate|publish`, and `tessera run` for all four on one machine.
+"""The job steps: `tessera [label|]prepare|train|evaluate|publish`, and `tessera run` for all on one machine.
 
 Each takes the FineTuneJob YAML (`-f`) and `--set path=value` overrides, as `helm --set` does.
 The Argo Workflow's steps and the PyTorchJob's workers run exactly these commands.
@@ -68,6 +68,23 @@ def _emit(result: Any, as_json: bool) -> None:
         typer.echo(json.dumps(result, indent=2, default=str))
 
 
+def label(
+    job_file: Path = JOB_FILE, set_: list[str] = OVERRIDES, as_json: bool = AS_JSON, progress: bool = PROGRESS,
+) -> None:
+    """Have spec.dataset.teacher label the rows without a label (cached: a rerun sends no request twice)."""
+    from tessera.label import label_job
+
+    job = _setup(job_file, set_)
+    with _json_only_stdout(as_json):
+        manifest = label_job(job, show_progress=progress)
+    counts = manifest["counts"]
+    typer.echo(f"labelled {counts['labelled']} of {counts['asked']} rows ({counts['cached']} from the cache): "
+               f"{counts['kept']} rows kept, {counts['droppedLowConfidence']} dropped for low confidence, "
+               f"{counts['unparsed']} unparsed; {manifest['wallSeconds']:.1f}s, cost "
+               f"{manifest['cost']['amount']:.4f} {manifest['cost']['currency']}", err=True)
+    _emit(manifest, as_json)
+
+
 def prepare(job_file: Path = JOB_FILE, set_: list[str] = OVERRIDES, as_json: bool = AS_JSON) -> None:
     """Validate, split and write the job's dataset to its store prefix (bad rows reported by row)."""
     from tessera.data import prepare as prepare_dataset
@@ -109,6 +126,10 @@ def evaluate(
     set_: list[str] = OVERRIDES,
     adapter: str | None = typer.Option(None, "--adapter", help="Adapter URI (default: the job's checkpoint)."),
     data: str | None = typer.Option(None, "--data", help="Dataset URI (default: the job's eval split)."),
+    serving_url: str | None = typer.Option(
+        None, "--serving-url", help="A teacher job's student: also time it on this OpenAI-compatible server "
+        "(base URL, e.g. http://127.0.0.1:8080/openai/v1), where it is loaded as --serving-model."),
+    serving_model: str | None = typer.Option(None, "--serving-model", help="Default: the job's adapter name."),
     as_json: bool = AS_JSON,
     progress: bool = PROGRESS,
 ) -> None:
@@ -119,7 +140,8 @@ def evaluate(
 
     job = _setup(job_file, set_)
     with _json_only_stdout(as_json):
-        report = evaluate_job(job, adapter_uri=adapter, data_uri=data, show_progress=progress)
+        serving = (serving_url, serving_model or job.adapter_name) if serving_url else None
+        report = evaluate_job(job, adapter_uri=adapter, data_uri=data, show_progress=progress, serving=serving)
     typer.echo(format_table(report), err=as_json)
     if adapter is None and data is None:
         push_metrics(report)  # only when Katib runs this job as a trial (KATIB_TRIAL_NAME is set)
@@ -156,5 +178,5 @@ def run(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (prepare, train, evaluate, publish, run):
+    for command in (label, prepare, train, evaluate, publish, run):
         app.command(command.__name__)(command)

@@ -96,6 +96,21 @@ def _source(data: SourceData, good: int, bad: int) -> dict[str, Any]:
     return {"uri": data.uri, "format": data.format, "sha256": data.sha256, "rows": good + bad, "badRows": bad}
 
 
+def _training_source(job: FineTuneJob, store: Store, root: str) -> SourceData:
+    """`spec.dataset.uri`, or for a job with a teacher the label step's rows (JSONL keyed by task field)."""
+    from tessera.api.paths import labelled_data_key, labelled_manifest_key
+    from tessera.errors import DatasetError
+    from tessera.store.keys import join_key
+
+    spec = job.spec.dataset
+    if spec.teacher is None:
+        return read_dataset(spec.uri, spec.format, spec.columns)
+    if not store.exists(join_key(root, labelled_manifest_key(job))):
+        raise DatasetError(f"{spec.uri} is labelled by a teacher first (spec.dataset.teacher): "
+                           "run `tessera label` for this job before prepare")
+    return read_dataset(store.uri(join_key(root, labelled_data_key(job))), "jsonl")
+
+
 def prepare(
     job: FineTuneJob,
     store: Store | None = None,
@@ -126,7 +141,7 @@ def prepare(
     # A manifest vouches for the files beside it: take down the previous one before changing them.
     store.delete(join_key(prefix, MANIFEST_FILE), missing_ok=True)
 
-    sources = [read_dataset(spec.uri, spec.format, spec.columns)]
+    sources = [_training_source(job, store, root)]
     if spec.eval_uri:
         sources.append(read_dataset(spec.eval_uri, spec.format, spec.columns))
     bad_rows: list[dict[str, Any]] = []

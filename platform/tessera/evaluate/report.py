@@ -6,6 +6,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tessera.evaluate.distillation import format_distillation
+
 # Metrics where a smaller number is the better model.
 LOWER_IS_BETTER = frozenset({"mse", "eval_loss"})
 _TABLE_SKIP = {"per_class"}
@@ -82,4 +84,6 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append(f"majority class '{majority['label']}': accuracy {majority['accuracy']:.4f}")
     if report.get("checkpoint"):
         lines.append(f"adapter: {report['checkpoint']}")
+    if report.get("distillation"):
+        lines.append(format_distillation(report["distillation"]))
     return "\n".join(lines)

@@ -101,9 +101,10 @@ def answer_loss(model: Any, features: list[dict[str, list[int]]], collator: Any,
 
 def score_model(
     model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], job: FineTuneJob, *, desc: str,
-    show_progress: bool = True,
+    show_progress: bool = True, answers_out: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The task's metrics for one model, with `eval_loss`, samples/s and seconds per example."""
+    """The task's metrics for one model, with `eval_loss`, samples/s and seconds per example
+    (its generated answers into `answers_out`, if given)."""
     from tessera.data import Collator, build_features, encode_prompt
     from tessera.data.template import is_document
 
@@ -119,14 +120,19 @@ def score_model(
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=evaluation.max_new_tokens,
                                batch_size=evaluation.batch_size, desc=desc, show_progress=show_progress)
     seconds = time.perf_counter() - started
+    if answers_out is not None:
+        answers_out[:] = answers
     scores |= task.score(examples, answers)
     scores["samplesPerSecond"] = len(examples) / seconds if seconds > 0 else None
     scores["secondsPerExample"] = seconds / len(examples)
     return scores
 
 
-def _load_examples(job: FineTuneJob, task: Task, data_uri: str | None) -> tuple[list[Example], dict[str, int], str]:
-    """(examples, training label counts, description of the data) — the job's eval split by default."""
+def _load_examples(
+    job: FineTuneJob, task: Task, data_uri: str | None,
+) -> tuple[list[Example], dict[str, int], str, list[dict[str, Any]] | None]:
+    """(examples, training label counts, description of the data, the prepared rows they come from or
+    None for an ad-hoc dataset) — the job's eval split by default."""
     from tessera.data import load_prepared, read_dataset, record_examples, sample, validate_records
 
     evaluation = job.spec.evaluation
@@ -135,7 +141,9 @@ def _load_examples(job: FineTuneJob, task: Task, data_uri: str | None) -> tuple[
         prepared = load_prepared(job)
         rows = sample(prepared.eval, evaluation.max_samples, seed, lambda row: row.get("label"))
         train_labels = dict(prepared.manifest.get("labels", {}).get("train", {}))
-        return [Example.from_dict(row) for row in rows], train_labels, f"eval split of {job.spec.dataset.uri}"
+        dataset = job.spec.dataset
+        name = f"rows of {dataset.eval_uri}" if dataset.eval_uri else f"eval split of {dataset.uri}"
+        return [Example.from_dict(row) for row in rows], train_labels, name, rows
     dataset = job.spec.dataset
     source = read_dataset(data_uri, dataset.format, dataset.columns)
     good, bad = validate_records(source.records, task, job)
@@ -144,7 +152,7 @@ def _load_examples(job: FineTuneJob, task: Task, data_uri: str | None) -> tuple[
                     len(bad), len(source.records), bad[0].row, bad[0].reason)
     records = sample(good, evaluation.max_samples, seed, task.stratify_key)
     examples = [example for record in records for example in record_examples(task, record, dataset.label_map)]
-    return examples, {}, data_uri
+    return examples, {}, data_uri, None
 
 
 def _candidates(job: FineTuneJob, artifacts: Any, adapter_uri: str | None, workdir: Path) -> list[Candidate]:
@@ -171,8 +179,10 @@ def _candidates(job: FineTuneJob, artifacts: Any, adapter_uri: str | None, workd
 
 def evaluate_job(
     job: FineTuneJob, *, adapter_uri: str | None = None, data_uri: str | None = None, show_progress: bool = True,
+    serving: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Score base and adapter; write the job's report unless an ad-hoc adapter or dataset was given."""
+    """Score base and adapter; write the job's report unless an ad-hoc adapter or dataset was given.
+    `serving`: (OpenAI base URL, model name) where the adapter is served, to time a teacher job's student there."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -184,7 +194,7 @@ def evaluate_job(
     task = get_task(job.spec.dataset.task)
     metric = headline_metric(job, task)
     artifacts = JobArtifacts.open(job)
-    examples, train_labels, data_name = _load_examples(job, task, data_uri)
+    examples, train_labels, data_name, rows = _load_examples(job, task, data_uri)
     if not examples:
         raise NothingToEvaluateError(f"no example to evaluate in {data_name}")
     hardware = detect_hardware(DistEnv())
@@ -201,14 +211,17 @@ def evaluate_job(
         if job.spec.evaluation.compare_with_base:
             base = score_model(model, tokenizer, task, examples, job, desc="evaluate base", show_progress=show_progress)
         scores: dict[str, dict[str, Any]] = {}
+        answers: dict[str, list[str]] = {}
         for index, candidate in enumerate(candidates):
             if index == 0:
                 model = PeftModel.from_pretrained(model, str(candidate.path), adapter_name=candidate.name)
             else:
                 model.load_adapter(str(candidate.path), adapter_name=candidate.name)
             model.set_adapter(candidate.name)
+            answers[candidate.name] = []
             scores[candidate.name] = score_model(model, tokenizer, task, examples, job,
-                                                 desc=f"evaluate {candidate.name}", show_progress=show_progress)
+                                                 desc=f"evaluate {candidate.name}", show_progress=show_progress,
+                                                 answers_out=answers[candidate.name])
 
     chosen_name = best_checkpoint(metric, scores) if len(candidates) > 1 else candidates[0].name
     chosen = next(c for c in candidates if c.name == chosen_name)
@@ -230,6 +243,11 @@ def evaluate_job(
         "checkpoint": chosen.checkpoint,
         "checkpoints": {c.checkpoint: scores[c.name].get(metric) for c in candidates if c.checkpoint} or None,
     }
+    if job.spec.dataset.teacher is not None and rows is not None and answers[chosen_name]:
+        from tessera.evaluate.distillation import teacher_vs_student
+
+        report["distillation"] = teacher_vs_student(job, task, rows, answers[chosen_name],
+                                                    adapter.get("secondsPerExample"), serving)
     if adapter_uri is None and data_uri is None:
         artifacts.store.put_json(artifacts.key(paths.eval_report_key(job)), report)
     return report

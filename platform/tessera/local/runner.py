@@ -1,7 +1,7 @@
 """The embedded runner: a FineTuneJob end to end on one machine, no cluster.
 
 The Kubeflow SDK's idea of a local backend: the same steps the Argo Workflow runs in pods
-(prepare -> train -> evaluate -> publish), with the same code and the same store layout, run
+([label ->] prepare -> train -> evaluate -> publish), with the same code and the same store layout, run
 one after the other here. A job with `distribution.workers > 1` trains under torchrun with that
 many local processes, as a PyTorchJob would spread it over pods.
 """
@@ -75,7 +75,7 @@ def _train(job: FineTuneJob, show_progress: bool) -> dict[str, Any]:
 
 
 def run_job(job: FineTuneJob, *, fresh: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """prepare -> train -> evaluate -> publish; returns the adapter URI and every step's result."""
+    """[label ->] prepare -> train -> evaluate -> publish; returns the adapter URI and every step's result."""
     from tessera.data import prepare
     from tessera.evaluate.report import format_table
     from tessera.evaluate.runner import evaluate_job
@@ -84,6 +84,11 @@ def run_job(job: FineTuneJob, *, fresh: bool = False, show_progress: bool = True
     ensure_base_model(job)
     if fresh:
         start_over(job)
+    if job.spec.dataset.teacher is not None:
+        from tessera.label import label_job
+
+        log.info("[0/4] label %s with teacher %s", job.spec.dataset.uri, job.spec.dataset.teacher.model)
+        label_job(job, show_progress=show_progress)
     log.info("[1/4] prepare %s", job.spec.dataset.uri)
     prepared = prepare(job)
     log.info("      %d training and %d evaluation examples", len(prepared.train), len(prepared.eval))

@@ -68,7 +68,7 @@ def base_model_identity(uri: str) -> tuple[str | None, int | None]:
 def model_card(
     job: FineTuneJob, *, version: str, created_at: datetime, report: dict[str, Any] | None,
     checkpoint: str, state: Any, dataset_manifest: dict[str, Any], base_digest: str | None,
-    base_identity: tuple[str | None, int | None] = (None, None),
+    base_identity: tuple[str | None, int | None] = (None, None), teacher: dict[str, Any] | None = None,
 ) -> ModelCard:
     spec = job.spec
     device_hours = state.device_seconds / 3600
@@ -91,6 +91,7 @@ def model_card(
             "job": f"{job.metadata.namespace}/{job.metadata.name}",
             "uid": job.metadata.uid,
             "checkpoint": checkpoint,
+            **({"teacher": teacher} if teacher else {}),
         },
         hyperparameters={
             "quantization": spec.base_model.quantization.model_dump(mode="json", by_alias=True),
@@ -105,6 +106,7 @@ def model_card(
             "adapter": report["adapter"],
             "base": report["base"],
             "majority": report.get("majority"),
+            **({"distillation": report["distillation"]} if report.get("distillation") else {}),
         },
         training={
             "steps": state.step,
@@ -118,6 +120,20 @@ def model_card(
             "pricePerDeviceHour": spec.cost.price_per_device_hour,
         },
     )
+
+
+def teacher_lineage(job: FineTuneJob) -> dict[str, Any] | None:
+    """Who labelled the training rows (spec.dataset.teacher): host, model, prompt hash, labelled-set digest."""
+    if job.spec.dataset.teacher is None:
+        return None
+    from tessera.label import labelled_manifest
+
+    manifest = labelled_manifest(job)
+    if manifest is None:
+        raise PublishError("the job's rows were labelled by a teacher but the label step's manifest is gone; "
+                           "rerun `tessera label`")
+    return {**manifest["teacher"], "labelledSha256": manifest["dataSha256"], "counts": manifest["counts"],
+            "tokens": manifest["tokens"], "cost": manifest["cost"], "wallSeconds": manifest["wallSeconds"]}
 
 
 def _stage_adapter(artifacts: JobArtifacts, checkpoint: str, job: FineTuneJob, target: Path) -> None:
@@ -148,7 +164,9 @@ def _own_published_version(
         if not store.is_published(prefix):
             continue
         card = ModelCard.read(store.get_json(f"{prefix}/{MODEL_CARD_FILE}"))
-        if card.lineage == lineage and store.manifest(prefix).get(WEIGHTS_FILE) == weights_sha:
+        # Lineage may say more (a teacher): the job, its uid and the checkpoint identify the publish.
+        own = {key: (card.lineage or {}).get(key) for key in lineage}
+        if own == lineage and store.manifest(prefix).get(WEIGHTS_FILE) == weights_sha:
             return version, card
     return None
 
@@ -199,7 +217,8 @@ def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, A
             card = model_card(job, version=version, created_at=now, report=report, checkpoint=checkpoint,
                               state=state, dataset_manifest=dataset_manifest,
                               base_digest=base_model_digest(job.spec.base_model.uri),
-                              base_identity=base_model_identity(job.spec.base_model.uri))
+                              base_identity=base_model_identity(job.spec.base_model.uri),
+                              teacher=teacher_lineage(job))
             (staged / MODEL_CARD_FILE).write_text(json.dumps(card.to_json(), indent=2))
             store.publish_dir(staged, artifacts.key(prefix))
 

@@ -188,6 +188,20 @@ class ClassificationTask(Task):
     def metrics(self, preds: Sequence[str | None], golds: Sequence[str | None]) -> dict[str, Any]:
         return m.classification_metrics(preds, golds, self.labels)
 
+    # ---- a teacher model labels the rows (tessera.label) ----
+
+    def teacher_prompt(self, record: Mapping[str, Any]) -> str:
+        """The prompt of a record whose label is still to come: what the student will be asked."""
+        assert self.labels is not None and self.label_field is not None
+        # The prompt never shows the label: any valid one renders it.
+        return self.to_example({**record, self.label_field: self.labels[0]}).prompt
+
+    def teacher_fields(self, label: str, answers: Sequence[str]) -> dict[str, Any] | None:
+        """The fields the teacher's `answers` give a row once their majority `label` is decided;
+        None when they lack something a training example needs."""
+        assert self.label_field is not None
+        return {self.label_field: label}
+
 
 class GenerativeTask(Task):
     """Free-form answers, scored by ROUGE against the reference completion."""

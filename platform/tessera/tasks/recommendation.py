@@ -115,6 +115,16 @@ class RecommendationTask(ClassificationTask):
             return None
         return conviction if conviction is not None and 0.0 <= conviction <= 1.0 else None
 
+    def teacher_prompt(self, record: Mapping[str, Any]) -> str:
+        return super().teacher_prompt({**record, "conviction": 0.5})  # the prompt shows no conviction either
+
+    def teacher_fields(self, label: str, answers: Sequence[str]) -> dict[str, Any] | None:
+        """The label and the mean conviction of the answers that chose it (none given: not usable)."""
+        convictions = [c for a in answers if self.parse(a) == label and (c := self.parse_conviction(a)) is not None]
+        if not convictions:
+            return None
+        return {"label": label, "conviction": round(sum(convictions) / len(convictions), 4)}
+
     def score(self, examples: Sequence[Example], generations: Sequence[str]) -> dict[str, Any]:
         scores = super().score(examples, generations)
         predicted = [self.parse_conviction(g) for g in generations]
