@@ -10,6 +10,7 @@ to hurt others:
   4 MB of messages    one chat request whose messages each fit the context, but not together
   long stop strings   4 stop strings of 100,000 characters, n=16, 1,000 tokens
   stops at the bound  4 stop strings of 256 characters (the most now accepted), n=16, 200 tokens
+  (and its control: the same request without stop strings, whose rows alone fill the batch)
 
 It prints, per abuse, what the abusers got (status codes, mean seconds per request) and the
 victim's p50 and worst latency, beside the victim alone. The same script runs against older code
@@ -54,6 +55,9 @@ def abuses(model: str) -> dict[str, tuple[str, dict]]:
         "stops at the bound": ("/v1/completions", {
             "model": model, "prompt": "Profit rose", "n": 16, "max_tokens": 200, "ignore_eos": True,
             "stop": [c * 256 for c in "wxyz"]}),
+        # The control for the row above: the same rows without stop strings (a full batch alone).
+        "n=16 x 200 tokens, no stops": ("/v1/completions", {
+            "model": model, "prompt": "Profit rose", "n": 16, "max_tokens": 200, "ignore_eos": True}),
     }
 
 

@@ -270,6 +270,11 @@ def test_unfinished_requests_get_408_and_idle_connections_are_closed(hardened):
         assert answer.startswith(b"HTTP/1.1 408"), (sent, answer)
     with _connect(url) as idle:  # never sends a byte: closed without an answer
         assert _answer(idle) == b""
+    with _connect(url) as refused:  # answered 413 before its body came: closed, never answered twice
+        refused.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 9000000\r\n\r\n{\"model\": ")
+        answer = _answer(refused)
+    assert answer.startswith(b"HTTP/1.1 413") and b"408" not in answer, answer
 
 
 def test_connections_beyond_the_cap_get_503(hardened):
