@@ -21,7 +21,7 @@ import copy
 from typing import Any
 
 import yaml
-from tessera.agent.rules import job_problems
+from tessera.adapter_format.runtime import job_problems
 from tessera.api import GROUP, VERSION, Adapter, FineTuneJob, parse_resource
 from tessera.api.finetunejob import LAUNCHERS
 from tessera.api.naming import dns_label

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tessera.agent.rules import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
+from tessera.adapter_format.runtime import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
 from tessera.api.finetunejob import Launcher
 from tessera_pipelines.interface import (
     DEFAULT_GPU_RESOURCE,

@@ -23,26 +23,20 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from tessera.agent.rules import (
-    AgentError,
-    RuntimeProfile,
-    adapter_rank,
-    classify_load,
-    classify_unload,
-    safetensors_shapes,
-    servability_problems,
-)
-from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
-from tessera.serve.runtime.adapters import (
+from tessera.adapter_format import (
     ADAPTER_NAME,
     CONFIG_FILE,
     MODEL_CARD_FILE,
     WEIGHTS_FILE,
-    AdapterError,
+    AdapterFormatError,
+    adapter_rank,
     check_allowed,
-    read_adapter_files,
+    read_checked_adapter,
+    store_refusals,
     weights_sha256,
 )
+from tessera.adapter_format.runtime import RuntimeProfile
+from tessera.agent.rules import AgentError, classify_load, classify_unload, servability_problems
 from tessera.store import is_remote, open_store
 
 log = logging.getLogger(__name__)
@@ -150,32 +144,18 @@ class AdapterAgent:
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{request.lora_name}-", dir=self.dir))
         try:
             try:
-                self._stage(request.lora_path, staging)
-            except StoreUnavailableError as error:
-                raise AgentError(f"the store did not answer: {error}", code="store_unavailable", status=503) from None
-            except ObjectNotFoundError as error:
-                raise AgentError(str(error), code="adapter_not_found", status=404) from None
-            except StoreError as error:
-                raise AgentError(str(error), code="store_error", status=502) from None
+                with store_refusals(request.lora_path):
+                    self._stage(request.lora_path, staging)
+                files = read_checked_adapter(
+                    staging, lambda f: servability_problems(f.config, f.card, f.shapes, self.runtime),
+                    expected_sha256=request.sha256)
+            except AdapterFormatError as error:
+                raise AgentError(error.message.replace(str(staging), request.lora_path), code=error.code,
+                                 status=error.status) from None
             except OSError as error:  # the volume is full or unwritable; its path says nothing secret
                 raise AgentError(f"cannot write the adapter into {self.dir}: {error.strerror}", code="volume_error",
                                  status=507) from None
-            if not (staging / WEIGHTS_FILE).is_file():
-                raise AgentError(f"{request.lora_path} has no {WEIGHTS_FILE}", code="adapter_corrupt")
-            digest = weights_sha256(staging)
-            if request.sha256 and digest != request.sha256.lower():
-                raise AgentError(f"{WEIGHTS_FILE} of {request.lora_path} has sha256 {digest}, expected "
-                                 f"{request.sha256.lower()}: refusing a corrupt or substituted adapter",
-                                 code="digest_mismatch")
-            try:
-                config, card = read_adapter_files(staging)
-            except AdapterError as error:
-                raise AgentError(error.message.replace(str(staging), request.lora_path), code=error.code) from None
-            shapes = safetensors_shapes(staging / WEIGHTS_FILE)
-            problems = servability_problems(config, card, shapes, self.runtime)
-            if problems:
-                raise AgentError("; ".join(message for _, message in problems), code=problems[0][0])
-            rank = adapter_rank(shapes)
+            digest, rank = files.sha256, adapter_rank(files.shapes)
             final = self.dir / request.lora_name / digest
             final.parent.mkdir(exist_ok=True)
             if final.exists():  # the same version fetched before: the new copy is as good
@@ -185,7 +165,7 @@ class AdapterAgent:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return HeldAdapter(request.lora_name, request.lora_path, digest, str(final), rank,
-                           request.task or card.get("task"))
+                           request.task or files.card.task)
 
     # --- the runtime's adapter API -------------------------------------------------------------------
 
@@ -246,8 +226,8 @@ class AdapterAgent:
     async def load(self, request: LoadRequest) -> HeldAdapter:
         try:
             check_allowed(request.lora_path, self.allowed_prefixes)
-        except AdapterError as error:
-            raise AgentError(error.message, code=error.code, status=error.status) from None
+        except AdapterFormatError as error:
+            raise AgentError.of(error) from None
         async with self._lock(request.lora_name):
             before = self.held.get(request.lora_name)
             same = (before is not None and before.source == request.lora_path
@@ -276,7 +256,7 @@ class AdapterAgent:
             held = self.held.get(name)
             in_runtime = await self._runtime_unload(name)
             if held is None and not in_runtime:
-                raise AgentError(f"The lora adapter '{name}' cannot be found.", code="model_not_found", status=404)
+                raise AgentError(f"The lora adapter '{name}' cannot be found.", code="lora_not_found")
             if held is not None:
                 del self.held[name]
                 self.problems.pop(name, None)
@@ -311,7 +291,7 @@ class AdapterAgent:
                     continue
                 try:
                     if weights_sha256(Path(held.path)) != held.sha256:
-                        raise AgentError(f"the copy of {name} in {held.path} changed on disk", code="digest_mismatch")
+                        raise AgentError(f"the copy of {name} in {held.path} changed on disk", code="sha256_mismatch")
                     await self._runtime_load(held, replace=False)
                 except (AgentError, OSError) as error:
                     message = error.message if isinstance(error, AgentError) else type(error).__name__

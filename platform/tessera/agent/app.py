@@ -16,8 +16,9 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tessera.adapter_format.runtime import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
 from tessera.agent.agent import AdapterAgent, LoadRequest, UnloadRequest
-from tessera.agent.rules import LLAMA_TARGET_MODULES, AgentError, RuntimeKind, RuntimeProfile
+from tessera.agent.rules import AgentError
 
 log = logging.getLogger(__name__)
 AGENT_KEY = web.AppKey("agent", AdapterAgent)

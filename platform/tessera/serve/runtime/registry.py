@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
+from tessera.adapter_format import check_allowed, store_refusals
 from tessera.safe_yaml import safe_load
 from tessera.scratch import scratch_dir
 from tessera.serve import metrics
@@ -29,7 +29,7 @@ from tessera.serve.runtime.adapters import (
     AdapterError,
     PreparedAdapter,
     ServedBase,
-    check_allowed,
+    adapter_refusals,
     prepare_adapter,
 )
 from tessera.serve.runtime.engine import Engine
@@ -119,15 +119,8 @@ class AdapterRegistry:
         from tessera.store import fetch
 
         with scratch_dir("adapter", self.cache_dir) as workdir:
-            try:
+            with adapter_refusals(), store_refusals(source):
                 directory = fetch(source, workdir)
-            except ObjectNotFoundError:
-                raise AdapterError(f"lora_path {source!r} does not exist", code="adapter_not_found",
-                                   status=404) from None
-            except StoreUnavailableError as error:
-                raise AdapterError(f"the store is unavailable: {error}", code="store_unavailable", status=503) from None
-            except StoreError as error:
-                raise AdapterError(f"cannot read lora_path {source!r}: {error}", code="store_error") from None
             if not directory.is_dir():
                 raise AdapterError(f"lora_path {source!r} is a file; give the adapter directory",
                                    code="adapter_corrupt")
@@ -153,7 +146,8 @@ class AdapterRegistry:
                 if name in self.records and not inplace:  # vLLM's first check, before the path's
                     raise already_loaded(name)
                 # The checked location is what is fetched, now and on every reload: never `source` again.
-                checked = check_allowed(source, self.allowed_prefixes)
+                with adapter_refusals():
+                    checked = check_allowed(source, self.allowed_prefixes)
                 # A local adapter keeps a plain path, as vLLM's model cards show `root`.
                 location = str(checked) if checked.is_remote else str(checked.path)
                 loop = asyncio.get_running_loop()
