@@ -28,6 +28,7 @@ from typing import Any
 import kopf
 from tessera.api import API_VERSION, GROUP, VERSION, Adapter, FineTuneJob, parse_resource
 from tessera.api import TERMINAL_PHASES as TERMINAL
+from tessera.api.records import RecordError
 from tessera.errors import InvalidSpecError, StoreError
 from tessera.redact import install_log_redaction, redact
 from tessera.safe_yaml import safe_load
@@ -289,7 +290,7 @@ def _observe(job: FineTuneJob, memo: kopf.Memo, kube: Kube, logger: Any) -> Obse
     try:
         artifacts = read_job_artifacts(job, _credentials(job, memo, kube), need_report="evaluate" in done,
                                        need_published="publish" in done)
-    except (StoreError, Rejected) as error:
+    except (StoreError, RecordError, Rejected) as error:
         # The status keeps its last progress; the Workflow's phase is still mirrored.
         logger.warning(f"cannot read the job's artifacts from {job.spec.store.uri}: {error}")
         return Observation(workflow=workflow, training_job=training_job)
@@ -303,7 +304,7 @@ def _serve(body: kopf.Body, job: FineTuneJob, obs: Observation, kube: Kube) -> l
     if not decision.promoted:
         kopf.info(body, reason="NotPromoted", message=decision.message)
         return conditions
-    adapter = build_adapter(job, obs.published or {})
+    adapter = build_adapter(job, obs.published)
     existing, created = kube.create(adapter)
     lineage = existing.get("spec", {}).get("lineage", {}).get("job")
     name = adapter["metadata"]["name"]

@@ -21,6 +21,7 @@ from typing import Any
 
 from tessera.api import FineTuneJob, paths
 from tessera.api.adapter_dir import CONFIG_FILE
+from tessera.api.records import EvaluationReport
 from tessera.errors import TesseraError
 from tessera.evaluate.report import best_checkpoint, improvement, label_counts, majority_baseline
 from tessera.scratch import scratch_dir
@@ -171,7 +172,7 @@ def _candidates(job: FineTuneJob, artifacts: Any, adapter_uri: str | None, workd
 
 def evaluate_job(
     job: FineTuneJob, *, adapter_uri: str | None = None, data_uri: str | None = None, show_progress: bool = True,
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """Score base and adapter; write the job's report unless an ad-hoc adapter or dataset was given."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -214,22 +215,22 @@ def evaluate_job(
     chosen = next(c for c in candidates if c.name == chosen_name)
     adapter = scores[chosen_name]
     golds = [example.label for example in examples]
-    report: dict[str, Any] = {
-        "task": task.name,
-        "metric": metric,
-        "base": base,
-        "adapter": adapter,
-        "improvement": improvement(metric, base, adapter),
-        "majority": majority_baseline(train_labels, golds) if task.labels else None,
-        "samples": len(examples),
-        "labels": label_counts(golds) if task.labels else None,
-        "samplesPerSecond": adapter.get("samplesPerSecond"),
-        "secondsPerExample": adapter.get("secondsPerExample"),
-        "data": data_name,
-        "adapterUri": chosen.uri,
-        "checkpoint": chosen.checkpoint,
-        "checkpoints": {c.checkpoint: scores[c.name].get(metric) for c in candidates if c.checkpoint} or None,
-    }
+    report = EvaluationReport(
+        task=task.name,
+        metric=metric,
+        base=base,
+        adapter=adapter,
+        improvement=improvement(metric, base, adapter),
+        majority=majority_baseline(train_labels, golds) if task.labels else None,
+        samples=len(examples),
+        labels=label_counts(golds) if task.labels else None,
+        samples_per_second=adapter.get("samplesPerSecond"),
+        seconds_per_example=adapter.get("secondsPerExample"),
+        data=data_name,
+        adapter_uri=chosen.uri,
+        checkpoint=chosen.checkpoint,
+        checkpoints={c.checkpoint: scores[c.name].get(metric) for c in candidates if c.checkpoint} or None,
+    )
     if adapter_uri is None and data_uri is None:
-        artifacts.store.put_json(artifacts.key(paths.eval_report_key(job)), report)
+        artifacts.store.put_json(artifacts.key(paths.eval_report_key(job)), report.to_json())
     return report
