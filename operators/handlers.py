@@ -115,15 +115,30 @@ def _emit(body: Any, events: list[Event]) -> None:
 # -- FineTuneJob --------------------------------------------------------------------------------
 
 
+def _failed(body: Any, patch: kopf.Patch, status: dict[str, Any], reason: str, message: str,
+            conditions: list[dict[str, str]], **fields: Any) -> None:
+    """How anything the operator owns ends Failed, a job or an Adapter: phase Failed with `fields`, the
+    conditions that say why (after `condition`, which redacts), and a Warning Event with the reason."""
+    message = redact(message)
+    patch.status.update({"phase": "Failed", **fields})
+    patch.status["conditions"] = merge_conditions(status.get("conditions") or [], conditions, _now())
+    kopf.warn(body, reason=reason, message=message)
+
+
 def _fail(body: Any, patch: kopf.Patch, status: dict[str, Any], code: str, message: str,
           also: tuple[dict[str, str], ...] = ()) -> None:
     """End the job: phase Failed, an error with a code, a Failed condition, a Warning Event."""
     message = redact(message)
-    now = _now()
-    patch.status.update({"phase": "Failed", "error": {"code": code, "message": message}, "completionTime": now})
-    patch.status["conditions"] = merge_conditions(status.get("conditions") or [],
-                                                  [*also, condition("Failed", True, code, message)], now)
-    kopf.warn(body, reason=code, message=message)
+    _failed(body, patch, status, code, message, [*also, condition("Failed", True, code, message)],
+            error={"code": code, "message": message}, completionTime=_now())
+
+
+def _adapter_failed(body: Any, patch: kopf.Patch, status: dict[str, Any], reason: str, message: str,
+                    **fields: Any) -> None:
+    """The Adapter cannot be served: phase Failed with a message, Ready False with the reason, an Event."""
+    message = redact(message)
+    _failed(body, patch, status, reason, message, [condition("Ready", False, reason, message)], message=message,
+            **fields)
 
 
 def _owned_by(obj: dict[str, Any], body: Any) -> bool | None:
@@ -356,14 +371,15 @@ def follow(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.M
 
 def _adapter_status(body: kopf.Body, patch: kopf.Patch, status: dict[str, Any], desired: dict[str, Any]) -> None:
     previous = status.get("phase")
+    reason = "LoadFailed" if desired["phase"] == "Failed" else desired["phase"]
     desired["conditions"] = merge_conditions(status.get("conditions") or [], [
-        condition("Ready", desired["phase"] == "Ready", desired["phase"], desired.get("message", ""))], _now())
+        condition("Ready", desired["phase"] == "Ready", reason, desired.get("message", ""))], _now())
     patch.status.update(changed_fields(status, desired))
     if previous != desired["phase"]:
         if desired["phase"] == "Ready":
             kopf.info(body, reason="Loaded", message=desired["message"])
         elif desired["phase"] == "Failed":
-            kopf.warn(body, reason="LoadFailed", message=desired["message"])
+            _adapter_failed(body, patch, status, "LoadFailed", desired["message"])
 
 
 def _sync_adapter(body: kopf.Body, adapter: Adapter, status: dict[str, Any], patch: kopf.Patch,
@@ -402,10 +418,8 @@ def adapter_changed(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, mem
     try:
         adapter = parse_resource(dict(body))
     except InvalidSpecError as error:
-        message = "; ".join(error.problems)
-        patch.status.update({"phase": "Failed", "message": message,
-                             "observedGeneration": body["metadata"].get("generation")})
-        kopf.warn(body, reason="InvalidSpec", message=message)
+        _adapter_failed(body, patch, dict(status), "InvalidSpec", "; ".join(error.problems),
+                        observedGeneration=body["metadata"].get("generation"))
         return
     assert isinstance(adapter, Adapter)
     with _failing("serving the adapter"):
@@ -413,8 +427,7 @@ def adapter_changed(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, mem
             try:
                 _, created = memo.kube.create(build_inference_service(adapter, memo.config))
             except Rejected as error:
-                patch.status.update({"phase": "Failed", "message": str(error)})
-                kopf.warn(body, reason="InferenceServiceRejected", message=str(error))
+                _adapter_failed(body, patch, dict(status), "InferenceServiceRejected", str(error))
                 return
             if created:
                 kopf.info(body, reason="InferenceServiceCreated", message=f"InferenceService "

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_process_torchrun_trains_and_publishes_one_adapter_to_s3(job_file, s3_env, s3_bucket) -> None:
-    """`tessera run` with `distribution.workers: 2` starts `torchrun --nproc_per_node=2 -m tessera.train`."""
+    """`tessera run` with `distribution.workers: 2` starts `torchrun --nproc_per_node=2 -m tessera train`."""
     from peft import PeftModel
     from tessera.store import fetch, open_store
     from transformers import AutoModelForCausalLM

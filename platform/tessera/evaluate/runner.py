@@ -177,7 +177,7 @@ def evaluate_job(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tessera.store.jobs import JobArtifacts
+    from tessera.job_artifacts import JobArtifacts
     from tessera.train.distributed import DistEnv
     from tessera.train.modeling import detect_hardware, device_for, fetch_base_model, load_base_model
     from tessera.train.plan import compute_precision

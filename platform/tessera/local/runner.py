@@ -43,7 +43,7 @@ def ensure_base_model(job: FineTuneJob) -> None:
 
 def start_over(job: FineTuneJob) -> None:
     """Forget the job's earlier run: prepared data, checkpoints, logs, report (adapters stay)."""
-    from tessera.store.jobs import JobArtifacts
+    from tessera.job_artifacts import JobArtifacts
 
     artifacts = JobArtifacts.open(job)
     artifacts.store.delete(artifacts.key(paths.job_prefix(job)), recursive=True, missing_ok=True)
@@ -53,7 +53,7 @@ def torchrun_command(job_file: Path, processes: int, result_file: Path) -> list[
     """`tessera train` under torchrun with `processes` local ranks (what a PyTorchJob's pods run)."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "tessera.train", "-f", str(job_file), "--result", str(result_file),
+        "-m", "tessera", "train", "-f", str(job_file), "--result", str(result_file),
     ]
 
 

@@ -19,9 +19,9 @@ from tessera.api import FineTuneJob, paths
 from tessera.api.adapter_dir import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE, CardBaseModel, ModelCard
 from tessera.api.records import EvaluationReport, PublishedBaseModel, PublishedRecord
 from tessera.errors import TesseraError
+from tessera.job_artifacts import JobArtifacts
 from tessera.scratch import scratch_dir
 from tessera.store import local_manifest, manifest_digest, open_store
-from tessera.store.jobs import JobArtifacts
 from tessera.train.checkpoint import ADAPTER_DIR, load_state
 
 log = logging.getLogger(__name__)

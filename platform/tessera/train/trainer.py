@@ -19,7 +19,7 @@ from typing import Any
 
 from tessera.api import FineTuneJob
 from tessera.api.records import TrainingOutcome
-from tessera.store.jobs import JobArtifacts
+from tessera.job_artifacts import JobArtifacts
 from tessera.train import plan
 from tessera.train.checkpoint import TrainState, find_resume_point, restore, save_checkpoint
 from tessera.train.distributed import Collective, DistEnv

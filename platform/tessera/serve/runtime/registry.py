@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from tessera.serve.runtime.adapters import (
     adapter_refusals,
     prepare_adapter,
 )
-from tessera.serve.runtime.engine import Engine
+from tessera.serve.runtime.engine import AdapterReloader, Engine
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,18 @@ def not_loaded(name: str | int) -> ServeError:
 
 
 class AdapterRegistry:
+    """The adapters served, by name. The registry brings back what the engine evicts, so it builds the
+    engine it serves with itself as the reloader: `make_engine(reloader)` (both are wired once, here)."""
+
     def __init__(
         self,
-        engine: Engine,
+        make_engine: Callable[[AdapterReloader], Engine],
         base: ServedBase,
         *,
         max_rank: int,
         allowed_prefixes: list[str],
         cache_dir: Path,
     ) -> None:
-        self.engine = engine
         self.base = base
         self.max_rank = max_rank
         self.allowed_prefixes = allowed_prefixes
@@ -110,7 +113,7 @@ class AdapterRegistry:
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessera-loader")
         self._name_locks: dict[str, asyncio.Lock] = {}
-        engine.reloader = self
+        self.engine = make_engine(self)  # last: the engine may call back into a complete registry
 
     def get(self, name: str) -> AdapterRecord | None:
         return self.records.get(name)
