@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from tessera.adapter_format.peft import AdapterConfig, Problem
 from tessera.api.adapter_dir import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE, ModelCard
+from tessera.api.records import field_problems
 from tessera.errors import AdapterFormatError, ObjectNotFoundError, StoreError, StoreUnavailableError
 from tessera.store.uri import Location, parse_uri
 
@@ -93,9 +94,7 @@ def read_config(path: Path) -> AdapterConfig:
     try:
         return AdapterConfig.model_validate(_read_json(path, CONFIG_FILE))
     except ValidationError as error:
-        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}"
-                           for e in error.errors(include_url=False, include_input=False, include_context=False))
-        raise AdapterFormatError(f"{CONFIG_FILE} is not a valid PEFT LoRA config: {fields}",
+        raise AdapterFormatError(f"{CONFIG_FILE} is not a valid PEFT LoRA config: {field_problems(error)}",
                                  code="adapter_corrupt") from None
 
 

@@ -12,7 +12,7 @@ the Experiment report) calls `Record.read(document)`. Rules for a record written
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -22,25 +22,33 @@ from tessera.errors import TesseraError
 Scores = dict[str, Any]  # metric name -> number (or a nested table such as `per_class`)
 
 
-class RecordError(TesseraError):
+def field_problems(error: ValidationError) -> str:
+    """`field: rule` for each field pydantic refused, never the value it was given."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}"
+                     for e in error.errors(include_url=False, include_input=False, include_context=False))
+
+
+class RecordError(TesseraError, ValueError):
     """A stored record is not what this version can read (another tool wrote it, or it is damaged)."""
 
 
 class Record(BaseModel):
+    """camelCase on the wire; unknown keys kept. `kind` and `file` name the record in errors."""
+
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    kind: ClassVar[str] = ""
+    file: ClassVar[str] = ""
 
     @classmethod
     def read(cls, document: Any, source: str = "") -> Self:
         """The record in a parsed JSON document; RecordError naming each bad field."""
-        what = f"{source} is not" if source else "not"
+        what = f"{source or cls.file or 'the document'} is not a valid {cls.kind or cls.__name__}"
         if not isinstance(document, dict):
-            raise RecordError(f"{what} a valid {cls.__name__}: expected a JSON object")
+            raise RecordError(f"{what}: expected a JSON object")
         try:
             return cls.model_validate(document)
         except ValidationError as error:
-            fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}"
-                               for e in error.errors(include_url=False, include_input=False, include_context=False))
-            raise RecordError(f"{what} a valid {cls.__name__}: {fields}") from None
+            raise RecordError(f"{what}: {field_problems(error)}") from None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
