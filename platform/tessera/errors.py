@@ -61,9 +61,16 @@ ERROR_STATUS: dict[str, int] = {
     "sha256_mismatch": 400,
     "model_not_found": 404,
     "lora_not_found": 404,
+    "adapter_unavailable": 503,  # a served adapter could not be brought back after an eviction
     # The store answered with an error (a gateway's failure), or did not answer within the retries.
     "store_error": 502,
     "store_unavailable": 503,
+    # The runtime beside the adapter agent: refused the adapter, failed, could not read it, is down.
+    "runtime_refused": 400,
+    "runtime_error": 502,
+    "runtime_cannot_read": 502,
+    "runtime_unavailable": 503,
+    "volume_error": 507,  # the agent's shared adapters volume is full or unwritable
 }
 
 

@@ -75,7 +75,7 @@ class HeldAdapter:
 
 def _runtime_unavailable(runtime: RuntimeProfile, error: httpx.HTTPError) -> AgentError:
     return AgentError(f"{runtime.label} is not answering ({type(error).__name__}); it may be starting or restarting",
-                      code="runtime_unavailable", status=503)
+                      code="runtime_unavailable")
 
 
 class AdapterAgent:
@@ -129,7 +129,7 @@ class AdapterAgent:
         store, key = open_store(source)
         directory = store.local_path(key)
         if directory is None or not directory.is_dir():
-            raise AgentError(f"no adapter directory at {source}", code="adapter_not_found", status=404)
+            raise AgentError(f"no adapter directory at {source}", code="adapter_not_found")
         for file in (CONFIG_FILE, WEIGHTS_FILE, MODEL_CARD_FILE):
             path = directory / file
             # Regular files only: a link could make the agent copy (and echo) any file it can read.
@@ -153,8 +153,8 @@ class AdapterAgent:
                 raise AgentError(error.message.replace(str(staging), request.lora_path), code=error.code,
                                  status=error.status) from None
             except OSError as error:  # the volume is full or unwritable; its path says nothing secret
-                raise AgentError(f"cannot write the adapter into {self.dir}: {error.strerror}", code="volume_error",
-                                 status=507) from None
+                raise AgentError(f"cannot write the adapter into {self.dir}: {error.strerror}",
+                                 code="volume_error") from None
             digest, rank = files.sha256, adapter_rank(files.shapes)
             final = self.dir / request.lora_name / digest
             final.parent.mkdir(exist_ok=True)
@@ -181,7 +181,7 @@ class AdapterAgent:
             return {c["id"]: c for c in cards if isinstance(c, dict) and "id" in c}
         except (ValueError, KeyError, TypeError) as error:
             raise AgentError(f"{self.runtime.label} gave no model list to GET /v1/models ({error})",
-                             code="runtime_error", status=502) from None
+                             code="runtime_error") from None
 
     async def _runtime_load(self, held: HeldAdapter, replace: bool) -> None:
         body = {"lora_name": held.name, "lora_path": held.path, "load_inplace": replace}
@@ -200,13 +200,13 @@ class AdapterAgent:
         if answer.outcome == "not_found":
             raise AgentError(f"{where} found no adapter at {held.path}: the adapters volume must be mounted at the "
                              f"same path in the runtime and the agent ({answer.message})",
-                             code="runtime_cannot_read", status=502)
+                             code="runtime_cannot_read")
         if answer.outcome == "rank_too_high":
             raise AgentError(f"{where} refused the adapter's rank {held.rank}: {answer.message}",
-                             code="rank_too_high", status=400)
+                             code="rank_too_high")
         if answer.outcome == "refused" or answer.outcome == "already_loaded":
-            raise AgentError(f"{where} refused the adapter: {answer.message}", code="runtime_refused", status=400)
-        raise AgentError(f"{where} failed to load the adapter: {answer.message}", code="runtime_error", status=502)
+            raise AgentError(f"{where} refused the adapter: {answer.message}", code="runtime_refused")
+        raise AgentError(f"{where} failed to load the adapter: {answer.message}", code="runtime_error")
 
     async def _runtime_unload(self, name: str) -> bool:
         """Whether the runtime held the adapter."""
@@ -218,8 +218,8 @@ class AdapterAgent:
         answer = classify_unload(response.status_code, response.text)
         if answer.outcome in ("unloaded", "not_found"):
             return answer.outcome == "unloaded"
-        raise AgentError(f"{self.runtime.label} failed to unload {name}: {answer.message}", code="runtime_error",
-                         status=502 if answer.outcome == "failed" else 400)
+        raise AgentError(f"{self.runtime.label} failed to unload {name}: {answer.message}",
+                         code="runtime_error" if answer.outcome == "failed" else "runtime_refused")
 
     # --- what the operator calls -------------------------------------------------------------------
 
