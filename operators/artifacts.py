@@ -9,6 +9,7 @@ from typing import Any
 
 from tessera.api import FineTuneJob
 from tessera.api.paths import eval_report_key, job_prefix, progress_key, published_key
+from tessera.api.records import EvaluationReport, PublishedRecord
 from tessera.errors import ObjectNotFoundError, StoreError
 from tessera.store import RetryPolicy, S3Config, S3Store, Store, join_key, open_store
 
@@ -35,25 +36,30 @@ def _read(store: Store, key: str) -> dict[str, Any] | None:
 @dataclass(frozen=True)
 class ArtifactSnapshot:
     progress: dict[str, Any] | None
-    report: dict[str, Any] | None
-    published: dict[str, Any] | None
+    report: EvaluationReport | None
+    published: PublishedRecord | None
 
 
 def read_job_artifacts(job: FineTuneJob, credentials: dict[str, str] | None,
                        need_report: bool, need_published: bool) -> ArtifactSnapshot:
     """The job's progress file, and its report and publish record once the steps that write them ran.
 
-    Raises StoreError (StoreUnavailableError when transient); messages never carry a credential.
+    Raises StoreError (StoreUnavailableError when transient), RecordError for a record this version
+    cannot read; messages never carry a credential.
     """
     store, root = open_job_store(job.spec.store.uri, credentials)
 
     def read(key: str) -> dict[str, Any] | None:
         return _read(store, join_key(root, key))
 
+    def read_record(kind: type[EvaluationReport] | type[PublishedRecord], key: str) -> Any:
+        document = read(key)
+        return None if document is None else kind.read(document, store.uri(join_key(root, key)))
+
     return ArtifactSnapshot(
         progress=read(progress_key(job)),
-        report=read(eval_report_key(job)) if need_report else None,
-        published=read(published_key(job)) if need_published else None,
+        report=read_record(EvaluationReport, eval_report_key(job)) if need_report else None,
+        published=read_record(PublishedRecord, published_key(job)) if need_published else None,
     )
 
 

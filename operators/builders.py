@@ -22,10 +22,11 @@ import hashlib
 from typing import Any
 
 import yaml
-from tessera.agent.rules import job_problems
+from tessera.adapter_format.runtime import job_problems
 from tessera.api import GROUP, VERSION, Adapter, FineTuneJob, parse_resource, tenancy
 from tessera.api.finetunejob import LAUNCHERS
 from tessera.api.naming import dns_label, inference_service_for
+from tessera.api.records import PublishedRecord
 from tessera.api.tenancy import PolicyError
 from tessera.errors import InvalidSpecError
 from tessera_operator.config import OperatorConfig
@@ -286,38 +287,33 @@ def build_inference_service(adapter: Adapter, config: OperatorConfig) -> dict[st
     }
 
 
-def build_adapter(job: FineTuneJob, published: dict[str, Any]) -> dict[str, Any]:
+def build_adapter(job: FineTuneJob, published: PublishedRecord) -> dict[str, Any]:
     """The Adapter for the artifact a job published (its `published.json`); not owned by the job."""
-    base = published.get("baseModel") or {}
-    if isinstance(base, str):
-        base = {"uri": base}
     spec: dict[str, Any] = {
-        "baseModel": {"uri": base.get("uri") or job.spec.base_model.uri,
-                      "name": base.get("name") or job.spec.base_model.name,
+        "baseModel": {"uri": published.base_model.uri,
+                      "name": published.base_model.name or job.spec.base_model.name,
                       "quantizationBits": job.spec.base_model.quantization.bits},
-        "uri": published["uri"],
-        "sha256": published.get("sha256"),
-        "rank": published.get("rank") or job.spec.lora.rank,
-        "task": published.get("task") or job.spec.dataset.task,
+        "uri": published.uri,
+        "sha256": published.sha256,
+        "rank": published.rank,
+        "task": published.task,
         "lineage": {
             "job": f"{job.metadata.namespace}/{job.metadata.name}",
             "datasetUri": job.spec.dataset.uri,
-            "datasetSha256": published.get("datasetSha256"),
+            "datasetSha256": published.dataset_sha256,
         },
-        "metrics": published.get("metrics") or {},
+        "metrics": published.metrics,
         "serving": {
             "inferenceService": job.inference_service_name,
             "createInferenceService": job.spec.serving.create_inference_service,
         },
         "credentialsSecret": job.spec.store.credentials_secret,
     }
-    labels = {LABEL_JOB: job.metadata.name}
-    if published.get("version"):
-        labels[LABEL_ADAPTER_VERSION] = dns_label(str(published["version"]))
+    labels = {LABEL_JOB: job.metadata.name, LABEL_ADAPTER_VERSION: dns_label(published.version)}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "Adapter",
-        "metadata": _metadata(published.get("name") or job.adapter_name, job.metadata.namespace, labels, None),
+        "metadata": _metadata(published.name, job.metadata.namespace, labels, None),
         "spec": _without_nones(spec),
     }
 

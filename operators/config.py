@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tessera.agent.rules import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
+from tessera.adapter_format.runtime import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
 from tessera.api.finetunejob import Launcher
 from tessera.api.tenancy import DEFAULT_SHARED_PREFIXES, SchedulingAllowlist, TenancyRules
 from tessera_pipelines.interface import (

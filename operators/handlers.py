@@ -29,6 +29,7 @@ import kopf
 from tessera.api import API_VERSION, GROUP, VERSION, Adapter, FineTuneJob, parse_resource
 from tessera.api import TERMINAL_PHASES as TERMINAL
 from tessera.api.paths import job_prefix
+from tessera.api.records import RecordError
 from tessera.api.tenancy import PolicyError
 from tessera.errors import InvalidSpecError, StoreError
 from tessera.redact import install_log_redaction, redact
@@ -122,15 +123,32 @@ def _emit(body: Any, events: list[Event]) -> None:
 # -- FineTuneJob --------------------------------------------------------------------------------
 
 
+def _failed(body: Any, patch: kopf.Patch, status: dict[str, Any], reason: str, message: str,
+            conditions: list[dict[str, str]], **fields: Any) -> None:
+    """How anything the operator owns ends Failed, a job or an Adapter: phase Failed with `fields`, the
+    conditions that say why (after `condition`, which redacts), and a Warning Event with the reason."""
+    message = redact(message)
+    patch.status.update({"phase": "Failed", **fields})
+    patch.status["conditions"] = merge_conditions(status.get("conditions") or [], conditions, _now())
+    kopf.warn(body, reason=reason, message=message)
+
+
 def _fail(body: Any, patch: kopf.Patch, status: dict[str, Any], code: str, message: str,
           also: tuple[dict[str, str], ...] = ()) -> None:
     """End the job: phase Failed, an error with a code, a Failed condition, a Warning Event."""
     message = redact(message)
-    now = _now()
-    patch.status.update({"phase": "Failed", "error": {"code": code, "message": message}, "completionTime": now})
-    patch.status["conditions"] = merge_conditions(status.get("conditions") or [],
-                                                  [*also, condition("Failed", True, code, message)], now)
-    kopf.warn(body, reason=code, message=message)
+    _failed(body, patch, status, code, message, [*also, condition("Failed", True, code, message)],
+            error={"code": code, "message": message}, completionTime=_now())
+
+
+def _adapter_failed(body: Any, patch: kopf.Patch, status: dict[str, Any], reason: str, message: str,
+                    **fields: Any) -> None:
+    """The Adapter cannot be served: phase Failed with a message and its reason, Ready False with the reason,
+    an Event."""
+    message = redact(message)
+    _failed(body, patch, status, reason, message, [condition("Ready", False, reason, message)], message=message,
+            **fields)
+    patch.status["reason"] = reason
 
 
 def _owned_by(obj: dict[str, Any], body: Any) -> bool | None:
@@ -332,7 +350,7 @@ def _observe(job: FineTuneJob, memo: kopf.Memo, kube: Kube, logger: Any) -> Obse
     try:
         artifacts = read_job_artifacts(job, _credentials(job, memo, kube), need_report="evaluate" in done,
                                        need_published="publish" in done)
-    except (StoreError, Rejected) as error:
+    except (StoreError, RecordError, Rejected) as error:
         # The status keeps its last progress; the Workflow's phase is still mirrored.
         logger.warning(f"cannot read the job's artifacts from {job.spec.store.uri}: {error}")
         return Observation(workflow=workflow, training_job=training_job)
@@ -346,7 +364,7 @@ def _serve(body: kopf.Body, job: FineTuneJob, obs: Observation, kube: Kube) -> l
     if not decision.promoted:
         kopf.info(body, reason="NotPromoted", message=decision.message)
         return conditions
-    adapter = build_adapter(job, obs.published or {})
+    adapter = build_adapter(job, obs.published)
     existing, created = kube.create(adapter)
     lineage = existing.get("spec", {}).get("lineage", {}).get("job")
     name = adapter["metadata"]["name"]
@@ -442,14 +460,15 @@ def job_deleted(body: kopf.Body, status: kopf.Status, memo: kopf.Memo, logger: A
 
 def _adapter_status(body: kopf.Body, patch: kopf.Patch, status: dict[str, Any], desired: dict[str, Any]) -> None:
     previous = status.get("phase")
+    reason = "LoadFailed" if desired["phase"] == "Failed" else desired["phase"]
     desired["conditions"] = merge_conditions(status.get("conditions") or [], [
-        condition("Ready", desired["phase"] == "Ready", desired["phase"], desired.get("message", ""))], _now())
+        condition("Ready", desired["phase"] == "Ready", reason, desired.get("message", ""))], _now())
     patch.status.update(changed_fields(status, desired))
     if previous != desired["phase"]:
         if desired["phase"] == "Ready":
             kopf.info(body, reason="Loaded", message=desired["message"])
         elif desired["phase"] == "Failed":
-            kopf.warn(body, reason="LoadFailed", message=desired["message"])
+            _adapter_failed(body, patch, status, "LoadFailed", desired["message"])
 
 
 def _sync_adapter(body: kopf.Body, adapter: Adapter, status: dict[str, Any], patch: kopf.Patch,
@@ -489,7 +508,8 @@ def adapter_changed(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, mem
     try:
         adapter = _checked_adapter(body, memo.config)
     except InvalidSpecError as error:
-        _refuse_adapter(body, patch, getattr(error, "reason", "InvalidSpec"), "; ".join(error.problems))
+        _adapter_failed(body, patch, dict(status), getattr(error, "reason", "InvalidSpec"), "; ".join(error.problems),
+                        observedGeneration=body["metadata"].get("generation"))
         return
     with memo.slots.slot(adapter.metadata.namespace, retry), _failing("serving the adapter"):
         if adapter.spec.serving.create_inference_service:
@@ -498,7 +518,8 @@ def adapter_changed(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, mem
             except Rejected as error:
                 refusal = ("InferenceServiceRejected", str(error))
             if refusal is not None:
-                _refuse_adapter(body, patch, *refusal)
+                _adapter_failed(body, patch, dict(status), *refusal,
+                                observedGeneration=body["metadata"].get("generation"))
                 return
         _sync_adapter(body, adapter, dict(status), patch, memo)
 
@@ -509,12 +530,6 @@ def _checked_adapter(body: kopf.Body, config: OperatorConfig) -> Adapter:
         raise InvalidSpecError([f"kind: expected Adapter, found {adapter.kind}"])
     check_tenancy(adapter, config)
     return adapter
-
-
-def _refuse_adapter(body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> None:
-    patch.status.update({"phase": "Failed", "message": message, "reason": reason,
-                         "observedGeneration": body["metadata"].get("generation")})
-    kopf.warn(body, reason=reason, message=message)
 
 
 def _ensure_inference_service(body: kopf.Body, adapter: Adapter, memo: kopf.Memo) -> tuple[str, str] | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tessera.api import FineTuneJob, FineTuneJobStatus
+from tessera.api.records import EvaluationReport, PublishedRecord
 from tessera.evaluate.report import improvement
 from tessera.redact import redact
 
@@ -42,8 +43,8 @@ class Observation:
     workflow: dict[str, Any] | None = None
     training_job: dict[str, Any] | None = None  # the PyTorchJob or the TrainJob
     progress: dict[str, Any] | None = None
-    report: dict[str, Any] | None = None
-    published: dict[str, Any] | None = None
+    report: EvaluationReport | None = None
+    published: PublishedRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def step_nodes(workflow: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return nodes
 
 
-def promotion(job: FineTuneJob, report: dict[str, Any] | None) -> Promotion:
+def promotion(job: FineTuneJob, report: EvaluationReport | None) -> Promotion:
     """Whether the adapter is served: the job's rule applied to its evaluation report."""
     serving = job.spec.serving
     if not serving.enabled:
@@ -98,11 +99,11 @@ def promotion(job: FineTuneJob, report: dict[str, Any] | None) -> Promotion:
     if not rule.enabled:
         return Promotion(True, "PromotionDisabled", "no promotion rule: the adapter is served")
     metric = rule.metric
-    adapter = ((report or {}).get("adapter") or {}).get(metric)
-    base = ((report or {}).get("base") or {}).get(metric)
-    if not isinstance(adapter, int | float):
+    adapter = report.score("adapter", metric) if report else None
+    base = report.score("base", metric) if report else None
+    if adapter is None:
         return Promotion(False, "MetricMissing", f"the evaluation report has no adapter {metric}: not served")
-    if not isinstance(base, int | float):
+    if base is None:
         promoted = rule.min_improvement <= 0
         return Promotion(promoted, "NoBaseline" if promoted else "MetricMissing",
                          f"adapter {metric}={adapter:.4g}; no base {metric} to compare with "
@@ -146,12 +147,12 @@ def _progress_fields(job: FineTuneJob, progress: dict[str, Any] | None, done: bo
     return out
 
 
-def _metrics(progress: dict[str, Any] | None, report: dict[str, Any] | None) -> dict[str, Any]:
+def _metrics(progress: dict[str, Any] | None, report: EvaluationReport | None) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if progress and isinstance(progress.get("loss"), int | float):
         metrics["trainLoss"] = float(progress["loss"])
     if report:
-        adapter, base = _numbers(report.get("adapter")), _numbers(report.get("base"))
+        adapter, base = _numbers(report.adapter), _numbers(report.base)
         metrics["adapter"], metrics["base"] = adapter, base
         if "eval_loss" in adapter:
             metrics["evalLoss"] = adapter["eval_loss"]
@@ -213,12 +214,11 @@ def derive_status(job: FineTuneJob, current: dict[str, Any], obs: Observation, n
     status |= _progress_fields(job, obs.progress, done)
     status |= _metrics(obs.progress, obs.report)
     new_conditions = list(step_conditions)
-    if phase == "Succeeded":
-        published = obs.published or {}
-        status["adapterRef"] = {"name": published.get("name") or job.adapter_name, "uri": published.get("uri")}
+    if phase == "Succeeded" and obs.published is not None:
+        published = obs.published
+        status["adapterRef"] = {"name": published.name, "uri": published.uri}
         new_conditions.append(condition("Succeeded", True, "AdapterPublished",
-                                        f"adapter {status['adapterRef']['name']} version "
-                                        f"{published.get('version', '?')} at {published.get('uri')}"))
+                                        f"adapter {published.name} version {published.version} at {published.uri}"))
         status["completionTime"] = current.get("completionTime") or now
     if phase in ("Failed", "Cancelled") and error:
         status["error"] = error

@@ -60,7 +60,7 @@ def main() -> None:
     subprocess.run(["bash", str(REPO / "scripts" / "fetch-model.sh")], check=True)  # kept when already there
     tessera("validate", str(JOB))
     result = json.loads(tessera("run", "-f", str(JOB), "--fresh", "--json", capture=True))
-    adapter_uri = result["adapter_uri"]
+    adapter_uri = result["adapterUri"]
     print(f"\npublished adapter: {adapter_uri}")
     print(summary(result["evaluation"]))
 

@@ -1,4 +1,5 @@
-"""The import graph at module level: imports run down the layers and no loop joins the three packages.
+"""The import graph at module level: imports run down the layers, and no loop joins two packages (the
+three distributions, or two of `tessera`'s own packages such as `tessera.api` and `tessera.store`).
 
 Read from the source with `ast` (imports inside functions are lazy on purpose and left out), so the
 test needs none of the heavy dependencies.
@@ -44,8 +45,50 @@ def test_imports_run_down_the_layers() -> None:
         if (within(module, "tessera.tasks") and within(name, "tessera.evaluate"))
         or (within(module, "tessera.serve.runtime") and within(name, "tessera.serve.http"))
         or (within(module, "tessera") and not within(name, "tessera"))
+        # The steps are below the CLI that runs them (torchrun starts `python -m tessera train`).
+        or (within(module, "tessera.train") and within(name, "tessera.cli"))
+        # The adapter agent and the operator carry no torch: the adapter format is theirs, not the server's.
+        or (within(module, "tessera.agent") and within(name, "tessera.serve"))
+        or (within(module, "tessera_operator") and (within(name, "tessera.agent") or within(name, "tessera.serve")))
+        # The adapter format is below every runtime, and the API below the store's users.
+        or (within(module, "tessera.adapter_format") and any(within(name, f"tessera.{above}") for above in (
+            "serve", "agent", "publish", "local", "cli")))
+        or (within(module, "tessera.api") and not any(within(name, f"tessera.{below}") for below in (
+            "api", "errors", "redact", "safe_yaml", "store.uri", "store.keys")))
     ]
     assert upward == []
+
+
+def package_of(module: str) -> str | None:
+    """`tessera.X` for a module of tessera's package or module X; None for the root and its `__main__`."""
+    parts = module.split(".")
+    if parts[0] != "tessera":
+        return parts[0]
+    return None if len(parts) == 1 or parts[1] == "__main__" else ".".join(parts[:2])
+
+
+def test_no_loop_between_tesseras_own_packages() -> None:
+    edges: dict[str, set[str]] = {}
+    for module, names in module_imports().items():
+        for name in names:
+            source, target = package_of(module), package_of(name)
+            if source and target and source != target:
+                edges.setdefault(source, set()).add(target)
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            for following in edges.get(node, ()):
+                if following == goal:
+                    return True
+                if following not in seen:
+                    seen.add(following)
+                    todo.append(following)
+        return False
+
+    loops = sorted(f"{a} <-> {b}" for a, targets in edges.items() for b in targets if reaches(b, a))
+    assert loops == []
 
 
 def test_no_loop_between_the_packages() -> None:

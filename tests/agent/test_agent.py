@@ -33,7 +33,7 @@ def adapter(name: str, uri: str, sha256: str | None) -> Adapter:
 
 
 def digest(path: Path) -> str:
-    from tessera.serve.runtime.adapters import weights_sha256
+    from tessera.adapter_format import weights_sha256
 
     return weights_sha256(path)
 
@@ -85,7 +85,7 @@ def test_a_download_that_does_not_match_its_digest_is_refused_and_leaves_nothing
     response = load(agent.url, {"lora_name": "tampered", "lora_path": s3_adapters["fpb"], "sha256": "0" * 64})
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["code"] == "digest_mismatch" and "0" * 64 in error["message"]
+    assert error["code"] == "sha256_mismatch" and "0" * 64 in error["message"]
     assert "tampered" not in runtime_cards(pod)
     assert not (shared / "tampered").exists()
     assert not [p for p in shared.iterdir() if p.name.startswith(".staging-")]

@@ -7,8 +7,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from tessera.agent.rules import AgentError, RuntimeProfile, adapter_rank, safetensors_shapes, servability_problems
-from tessera.serve.runtime.adapters import AdapterConfig
+from tessera.adapter_format import AdapterConfig, AdapterFormatError, adapter_rank, safetensors_shapes
+from tessera.adapter_format.runtime import RuntimeProfile
+from tessera.agent.rules import servability_problems
 from typer.testing import CliRunner
 
 VLLM = RuntimeProfile("vllm", max_lora_rank=16, base_model="meta-llama/Llama-3.1-8B-Instruct")
@@ -37,7 +38,7 @@ def test_each_thing_vllm_cannot_serve_is_named_with_the_runtime():
                       base_model_name_or_path="mistralai/Mistral-7B-v0.3"),
         {}, {**lora("self_attn.q_proj", 32), **lora("mlp.c_fc", 8), "base_model.model.score.weight": (2, 64)}, VLLM)
     assert [code for code, _ in found] == ["adapter_unsupported"] * 4 + [
-        "target_modules_unsupported", "base_model_mismatch", "adapter_unsupported", "rank_too_high"]
+        "base_model_mismatch", "target_modules_unsupported", "adapter_unsupported", "rank_too_high"]
     assert all("the vllm runtime" in message for _, message in found)
     text = " ".join(message for _, message in found)
     for field in ("peft_type IA3", "use_dora=true", "modules_to_save=['score']", "bias='all'", "['c_fc']",
@@ -55,7 +56,7 @@ def test_rank_is_read_from_the_tensors_including_embedding_loras():
     shapes = {**lora("self_attn.q_proj", 8), "base_model.model.model.embed_tokens.lora_embedding_A": (32, 1000),
               "base_model.model.model.embed_tokens.lora_embedding_B": (64, 32)}
     assert adapter_rank(shapes) == 32
-    with pytest.raises(AgentError, match="no LoRA"):
+    with pytest.raises(AdapterFormatError, match="no LoRA"):
         adapter_rank({"base_model.model.lm_head.weight": (10, 10)})
 
 
@@ -68,7 +69,7 @@ def test_safetensors_header_is_read_without_the_weights(tmp_path: Path):
     for name, data in (("short", b"\1\2"), ("huge", struct.pack("<Q", 1 << 40)), ("text", b"\x05\0\0\0\0\0\0\0hello")):
         bad = tmp_path / name
         bad.write_bytes(data)
-        with pytest.raises(AgentError) as error:
+        with pytest.raises(AdapterFormatError) as error:
             safetensors_shapes(bad)
         assert error.value.code == "adapter_corrupt" and "hello" not in error.value.message
 

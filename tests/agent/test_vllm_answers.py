@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
+from tessera.adapter_format.runtime import RuntimeProfile
 from tessera.agent.agent import AdapterAgent
 from tessera.agent.app import build_app
-from tessera.agent.rules import RuntimeProfile, classify_load, classify_unload
+from tessera.agent.rules import classify_load, classify_unload
 
 from tests.agent.conftest import free_port
 from tests.agent.fake_vllm import FakeVllm

@@ -159,8 +159,8 @@ def test_agent_container_brings_an_adapter_from_the_store_into_the_server(start_
                                                                           s3_server: str, tmp_path: Path) -> None:
     """The operator's client, pointed at the agent's port, loads an adapter published under the chart's
     store URI; the server then answers with it, having read it from the shared volume only."""
+    from tessera.adapter_format import weights_sha256
     from tessera.api import Adapter
-    from tessera.serve.runtime.adapters import weights_sha256
     from tessera.store import push
     from tessera_operator.serving import AdapterApi, Backoff, Replica, sync_replica
 

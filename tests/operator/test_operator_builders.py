@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tessera.api import Adapter, load_job
+from tessera.api.records import EvaluationReport, PublishedRecord
 from tessera.errors import InvalidSpecError
 from tessera_operator.builders import (
     build_adapter,
@@ -349,15 +350,16 @@ def test_a_job_whose_adapter_the_runtime_cannot_serve_is_refused_naming_field_an
 
 
 def test_adapter_from_a_published_job_is_labelled_not_owned_and_valid(job):
-    published = {
+    published = PublishedRecord.read({
         "name": "fpb-sentiment", "version": "v20260101-120000",
         "uri": "s3://tessera/adapters/team-a/fpb-sentiment/v20260101-120000", "sha256": "a" * 64,
         "baseModel": {"uri": job.spec.base_model.uri, "name": job.spec.base_model.name},
         "task": "sentiment", "rank": 8, "metrics": {"accuracy": 0.81}, "datasetSha256": "b" * 64,
-    }
+        "checkpoint": "jobs/team-a/fpb-sentiment/checkpoints/step-00000010",
+    })
     adapter = build_adapter(job, published)
     assert validate_against_crd(adapter) == []
-    assert Adapter.model_validate(adapter).spec.uri == published["uri"]
+    assert Adapter.model_validate(adapter).spec.uri == published.uri
     assert adapter["metadata"]["labels"]["tessera.dev/job"] == "fpb-sentiment"
     assert "ownerReferences" not in adapter["metadata"]
     assert adapter["spec"]["lineage"] == {"job": "team-a/fpb-sentiment", "datasetUri": job.spec.dataset.uri,
@@ -457,14 +459,16 @@ def test_training_failure_says_what_the_training_operator_says(job):
 
 def test_success_needs_the_publish_record_and_then_names_the_adapter(job):
     workflow = workflow_with({s: "Succeeded" for s in ("prepare", "train", "evaluate", "publish")}, phase="Succeeded")
-    report = {"metric": "accuracy", "adapter": {"accuracy": 0.8, "eval_loss": 0.4}, "base": {"accuracy": 0.5}}
+    report = evaluation({"accuracy": 0.8, "eval_loss": 0.4}, {"accuracy": 0.5})
     waiting = derive_status(job, {"phase": "Publishing"}, Observation(workflow=workflow, report=report), "t")
     assert waiting.status["phase"] == "Publishing"
-    published = {"name": "fpb-sentiment", "version": "v1", "uri": "s3://tessera/adapters/team-a/fpb-sentiment/v1"}
+    published = PublishedRecord(name="fpb-sentiment", version="v1", uri="s3://tessera/adapters/team-a/fpb-sentiment/v1",
+                                sha256="a" * 64, base_model={"uri": job.spec.base_model.uri}, task="sentiment", rank=8,
+                                checkpoint="jobs/team-a/fpb-sentiment/checkpoints/step-00000010")
     done = derive_status(job, {"phase": "Publishing"}, Observation(workflow=workflow, report=report,
                                                                    published=published), "t")
     assert done.status["phase"] == "Succeeded"
-    assert done.status["adapterRef"] == {"name": "fpb-sentiment", "uri": published["uri"]}
+    assert done.status["adapterRef"] == {"name": "fpb-sentiment", "uri": published.uri}
     assert done.status["metrics"]["adapter"] == {"accuracy": 0.8, "eval_loss": 0.4}
     assert done.status["metrics"]["base"] == {"accuracy": 0.5} and done.status["metrics"]["evalLoss"] == 0.4
     assert done.status["progress"]["percent"] == 100.0
@@ -476,13 +480,16 @@ def test_stopped_workflow_cancels_the_job(job):
     assert derive_status(job, {}, Observation(workflow=workflow), "t").status["phase"] == "Cancelled"
 
 
+def evaluation(adapter: dict, base: dict | None) -> EvaluationReport:
+    return EvaluationReport(task="sentiment", metric="accuracy", adapter=adapter, base=base, samples=10)
+
+
 def test_promotion_rule(job):
-    report = {"adapter": {"accuracy": 0.80, "mse": 2.0}, "base": {"accuracy": 0.70, "mse": 3.0}}
+    report = evaluation({"accuracy": 0.80, "mse": 2.0}, {"accuracy": 0.70, "mse": 3.0})
     assert promotion(job, report).promoted  # +0.10 >= 0.05
-    assert not promotion(job, {"adapter": {"accuracy": 0.72}, "base": {"accuracy": 0.70}}).promoted
-    assert promotion(job, {"adapter": {"accuracy": 0.72}, "base": {"accuracy": 0.70}}).reason == \
-        "BelowPromotionThreshold"
-    assert promotion(job, {"base": {"accuracy": 0.7}}).reason == "MetricMissing"
+    assert not promotion(job, evaluation({"accuracy": 0.72}, {"accuracy": 0.70})).promoted
+    assert promotion(job, evaluation({"accuracy": 0.72}, {"accuracy": 0.70})).reason == "BelowPromotionThreshold"
+    assert promotion(job, evaluation({}, {"accuracy": 0.7})).reason == "MetricMissing"
     lower_is_better = job.spec.serving.promotion.model_copy(update={"metric": "mse", "min_improvement": 0.5})
     mse_job = job.model_copy(update={"spec": job.spec.model_copy(update={
         "serving": job.spec.serving.model_copy(update={"promotion": lower_is_better})})})

@@ -101,7 +101,7 @@ def server_process(tiny_base, startup_adapter, adapters_root, s3_server, tmp_pat
     """
     from unittest import mock
 
-    from tessera.serve.runtime.adapters import weights_sha256
+    from tessera.adapter_format import weights_sha256
 
     base_uri = f"s3://{S3_BUCKET}/models/tiny-llama"
     with mock.patch.dict(os.environ, s3_environment(s3_server)):

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tessera.serve.runtime.adapters import (
-    AdapterConfig,
-    AdapterError,
-    ServedBase,
-    check_allowed,
-    compatibility_problems,
-)
+from tessera.adapter_format import AdapterConfig, AdapterFormatError, check_allowed
+from tessera.serve.runtime.adapters import AdapterError, ServedBase, compatibility_problems
 from tessera.serve.runtime.engine import visible_text
 from tessera.serve.runtime.registry import read_adapters_file
 
@@ -127,14 +122,14 @@ def test_allowed_prefixes(tmp_path):
         "s3://other/adapters/x",
     ]
     for path in refused:
-        with pytest.raises(AdapterError) as caught:
+        with pytest.raises(AdapterFormatError) as caught:
             check_allowed(path, [str(allowed), "s3://tessera/adapters"])
         assert caught.value.status == 403 and caught.value.code == "path_not_allowed", path
-    with pytest.raises(AdapterError) as caught:
+    with pytest.raises(AdapterFormatError) as caught:
         check_allowed("s3://tessera/adapters/../secrets", ["s3://tessera/adapters"])
     assert caught.value.code == "invalid_path"
     (tmp_path / "link").symlink_to(tmp_path / "adapters-evil")
-    with pytest.raises(AdapterError):
+    with pytest.raises(AdapterFormatError):
         check_allowed(str(allowed / ".." / "link"), [str(allowed)])
 
 
@@ -161,7 +156,7 @@ def test_allowed_prefix_holds_against_every_spelling_of_a_path(tmp_path):
     for spelling in escapes:
         for target in ("adp", "absent"):  # no existence oracle: the same answer either way
             path = spelling.replace("outside/adp", f"outside/{target}")
-            with pytest.raises(AdapterError) as caught:
+            with pytest.raises(AdapterFormatError) as caught:
                 check_allowed(path, [f"file://{root}/allowed"])
             assert (caught.value.status, caught.value.code) == (403, "path_not_allowed"), path
     # Double encoding is decoded once: `%252e%252e` is a directory literally named `%2e%2e`, inside.
@@ -170,7 +165,7 @@ def test_allowed_prefix_holds_against_every_spelling_of_a_path(tmp_path):
     assert check_allowed(f"file://{root}/allowed/in-link", [str(allowed)]).path == allowed / "adp"
     assert check_allowed(f"file://{root}/allowed/adp/../adp", [str(allowed)]).path == allowed / "adp"
     for s3_escape in ("s3://tessera/adapters/../x", "s3://tessera/adapters/a/../../x"):
-        with pytest.raises(AdapterError):
+        with pytest.raises(AdapterFormatError):
             check_allowed(s3_escape, ["s3://tessera/adapters"])
     assert str(check_allowed("s3://tessera/adapters//a/./v1/", ["s3://tessera/adapters"])) == "s3://tessera/adapters/a/v1"
 

@@ -208,7 +208,7 @@ def test_bad_adapters_are_refused_while_others_keep_serving(client, server, adap
 
 
 def test_adapter_from_s3_with_sha256(client, server, adapters, s3_server, monkeypatch):
-    from tessera.serve.runtime.adapters import weights_sha256
+    from tessera.adapter_format import weights_sha256
     from tessera.store import push
 
     for key, value in s3_environment(s3_server).items():

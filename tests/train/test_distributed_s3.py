@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_process_torchrun_trains_and_publishes_one_adapter_to_s3(job_file, s3_env, s3_bucket) -> None:
-    """`tessera run` with `distribution.workers: 2` starts `torchrun --nproc_per_node=2 -m tessera.train`."""
+    """`tessera run` with `distribution.workers: 2` starts `torchrun --nproc_per_node=2 -m tessera train`."""
     from peft import PeftModel
     from tessera.store import fetch, open_store
     from transformers import AutoModelForCausalLM
@@ -42,7 +42,7 @@ def test_two_process_torchrun_trains_and_publishes_one_adapter_to_s3(job_file, s
             "rng/rank-0.json", "rng/rank-1.json", "adapter/adapter_model.safetensors", "state.json"} <= files
 
     record = outcome["published"]
-    assert record["uri"] == outcome["adapter_uri"]
+    assert record["uri"] == outcome["adapterUri"]
     assert record["uri"].startswith(f"s3://{s3_bucket}/tessera/adapters/default/ddp/")
     assert len(store.list(f"{root}/adapters/default/ddp", recursive=False)) == 1
     assert outcome["evaluation"]["adapter"]["accuracy"] is not None

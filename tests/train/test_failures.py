@@ -92,7 +92,7 @@ def test_a_publish_that_dies_midway_leaves_no_adapter_in_the_registry(
 
     monkeypatch.setattr(S3Store, "_put_file", real_put_file)
     record = publish_job(job)  # the retry clears the interrupted attempt and publishes whole
-    assert record["uri"] == f"s3://{s3_bucket}/{prefix}"
+    assert record.uri == f"s3://{s3_bucket}/{prefix}"
     assert sorted(store.list(prefix)) == [f"{prefix}/{name}" for name in
                                           ("adapter_config.json", "adapter_model.safetensors", "model-card.json")]
     card = json.loads(store.get_bytes(f"{prefix}/model-card.json"))

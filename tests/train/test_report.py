@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tessera.api.records import EvaluationReport
 from tessera.evaluate.report import best_checkpoint, format_table, improvement, majority_baseline
 from tessera.publish import default_version, numeric_metrics
 
@@ -30,7 +31,7 @@ def test_table_lists_the_headline_metric_first_with_deltas() -> None:
               "base": {"accuracy": 0.25, "f1_weighted": 0.1, "per_class": {}},
               "adapter": {"accuracy": 0.75, "f1_weighted": 0.7, "per_class": {}},
               "majority": {"label": "neutral", "accuracy": 0.5}, "checkpoint": "jobs/default/x/checkpoints/step-4"}
-    lines = format_table(report).splitlines()
+    lines = format_table(EvaluationReport.read(report)).splitlines()
     assert lines[0] == "sentiment on 3 examples (eval split)"
     assert lines[2].split() == ["f1_weighted", "0.1000", "0.7000", "+0.6000"]
     assert lines[3].split() == ["accuracy", "0.2500", "0.7500", "+0.5000"]

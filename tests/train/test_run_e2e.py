@@ -40,7 +40,7 @@ def test_run_publishes_a_peft_adapter_that_peft_loads(finished_run: dict[str, An
     from transformers import AutoModelForCausalLM
 
     outcome = finished_run["outcome"]
-    adapter_dir = Path(outcome["adapter_uri"].removeprefix("file://"))
+    adapter_dir = Path(outcome["adapterUri"].removeprefix("file://"))
     assert adapter_dir.parent == finished_run["store"] / "adapters" / "default" / "tfns-run"
     assert {p.name for p in adapter_dir.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
                                                         "model-card.json"}
@@ -57,7 +57,7 @@ def test_model_card_and_published_record_carry_lineage_metrics_and_cost(
     finished_run: dict[str, Any], tiny_model_dir: Path
 ) -> None:
     outcome = finished_run["outcome"]
-    adapter_dir = Path(outcome["adapter_uri"].removeprefix("file://"))
+    adapter_dir = Path(outcome["adapterUri"].removeprefix("file://"))
     card = json.loads((adapter_dir / "model-card.json").read_text())
     assert card["baseModel"]["sha256"] == manifest_digest(local_manifest(tiny_model_dir))
     assert card["dataset"]["sha256"] == hashlib.sha256(finished_run["data"].read_bytes()).hexdigest()
@@ -114,7 +114,7 @@ def test_evaluate_json_scores_any_adapter_on_any_dataset(finished_run: dict[str,
     job_dir = finished_run["store"] / "jobs" / "default" / "tfns-run"
     report_before = (job_dir / "eval" / "report.json").read_text()
     result = run_tessera(
-        "evaluate", "-f", finished_run["job"], "--adapter", finished_run["outcome"]["adapter_uri"],
+        "evaluate", "-f", finished_run["job"], "--adapter", finished_run["outcome"]["adapterUri"],
         "--data", finished_run["data"], "--json", "--no-progress", "--set", "spec.evaluation.maxSamples=8",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_evaluate_json_scores_any_adapter_on_any_dataset(finished_run: dict[str,
     assert set(report["base"]) >= CLASSIFICATION_METRICS
     assert set(report["adapter"]) >= CLASSIFICATION_METRICS
     assert report["samples"] == 8
-    assert report["adapterUri"] == finished_run["outcome"]["adapter_uri"]
+    assert report["adapterUri"] == finished_run["outcome"]["adapterUri"]
     assert report["data"] == str(finished_run["data"])
     # An ad-hoc evaluation never replaces the job's own report.
     assert (job_dir / "eval" / "report.json").read_text() == report_before
@@ -132,7 +132,7 @@ def test_rerunning_a_finished_job_publishes_nothing_new(finished_run: dict[str, 
     result = run_tessera("run", "-f", finished_run["job"], "--json", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads(result.stdout)
-    assert again["adapter_uri"] == finished_run["outcome"]["adapter_uri"]
+    assert again["adapterUri"] == finished_run["outcome"]["adapterUri"]
     assert again["training"]["resumedFrom"] == finished_run["outcome"]["training"]["step"]
     versions = list((finished_run["store"] / "adapters" / "default" / "tfns-run").iterdir())
     assert len(versions) == 1

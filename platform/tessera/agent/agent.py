@@ -23,26 +23,20 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from tessera.agent.rules import (
-    AgentError,
-    RuntimeProfile,
-    adapter_rank,
-    classify_load,
-    classify_unload,
-    safetensors_shapes,
-    servability_problems,
-)
-from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
-from tessera.serve.runtime.adapters import (
+from tessera.adapter_format import (
     ADAPTER_NAME,
     CONFIG_FILE,
     MODEL_CARD_FILE,
     WEIGHTS_FILE,
-    AdapterError,
+    AdapterFormatError,
+    adapter_rank,
     check_allowed,
-    read_adapter_files,
+    read_checked_adapter,
+    store_refusals,
     weights_sha256,
 )
+from tessera.adapter_format.runtime import RuntimeProfile
+from tessera.agent.rules import AgentError, classify_load, classify_unload, servability_problems
 from tessera.store import is_remote, open_store
 
 log = logging.getLogger(__name__)
@@ -81,7 +75,7 @@ class HeldAdapter:
 
 def _runtime_unavailable(runtime: RuntimeProfile, error: httpx.HTTPError) -> AgentError:
     return AgentError(f"{runtime.label} is not answering ({type(error).__name__}); it may be starting or restarting",
-                      code="runtime_unavailable", status=503)
+                      code="runtime_unavailable")
 
 
 class AdapterAgent:
@@ -135,7 +129,7 @@ class AdapterAgent:
         store, key = open_store(source)
         directory = store.local_path(key)
         if directory is None or not directory.is_dir():
-            raise AgentError(f"no adapter directory at {source}", code="adapter_not_found", status=404)
+            raise AgentError(f"no adapter directory at {source}", code="adapter_not_found")
         for file in (CONFIG_FILE, WEIGHTS_FILE, MODEL_CARD_FILE):
             path = directory / file
             # Regular files only: a link could make the agent copy (and echo) any file it can read.
@@ -150,32 +144,18 @@ class AdapterAgent:
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{request.lora_name}-", dir=self.dir))
         try:
             try:
-                self._stage(request.lora_path, staging)
-            except StoreUnavailableError as error:
-                raise AgentError(f"the store did not answer: {error}", code="store_unavailable", status=503) from None
-            except ObjectNotFoundError as error:
-                raise AgentError(str(error), code="adapter_not_found", status=404) from None
-            except StoreError as error:
-                raise AgentError(str(error), code="store_error", status=502) from None
+                with store_refusals(request.lora_path):
+                    self._stage(request.lora_path, staging)
+                files = read_checked_adapter(
+                    staging, lambda f: servability_problems(f.config, f.card, f.shapes, self.runtime),
+                    expected_sha256=request.sha256)
+            except AdapterFormatError as error:
+                raise AgentError(error.message.replace(str(staging), request.lora_path), code=error.code,
+                                 status=error.status) from None
             except OSError as error:  # the volume is full or unwritable; its path says nothing secret
-                raise AgentError(f"cannot write the adapter into {self.dir}: {error.strerror}", code="volume_error",
-                                 status=507) from None
-            if not (staging / WEIGHTS_FILE).is_file():
-                raise AgentError(f"{request.lora_path} has no {WEIGHTS_FILE}", code="adapter_corrupt")
-            digest = weights_sha256(staging)
-            if request.sha256 and digest != request.sha256.lower():
-                raise AgentError(f"{WEIGHTS_FILE} of {request.lora_path} has sha256 {digest}, expected "
-                                 f"{request.sha256.lower()}: refusing a corrupt or substituted adapter",
-                                 code="digest_mismatch")
-            try:
-                config, card = read_adapter_files(staging)
-            except AdapterError as error:
-                raise AgentError(error.message.replace(str(staging), request.lora_path), code=error.code) from None
-            shapes = safetensors_shapes(staging / WEIGHTS_FILE)
-            problems = servability_problems(config, card, shapes, self.runtime)
-            if problems:
-                raise AgentError("; ".join(message for _, message in problems), code=problems[0][0])
-            rank = adapter_rank(shapes)
+                raise AgentError(f"cannot write the adapter into {self.dir}: {error.strerror}",
+                                 code="volume_error") from None
+            digest, rank = files.sha256, adapter_rank(files.shapes)
             final = self.dir / request.lora_name / digest
             final.parent.mkdir(exist_ok=True)
             if final.exists():  # the same version fetched before: the new copy is as good
@@ -185,7 +165,7 @@ class AdapterAgent:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return HeldAdapter(request.lora_name, request.lora_path, digest, str(final), rank,
-                           request.task or card.get("task"))
+                           request.task or files.card.task)
 
     # --- the runtime's adapter API -------------------------------------------------------------------
 
@@ -201,7 +181,7 @@ class AdapterAgent:
             return {c["id"]: c for c in cards if isinstance(c, dict) and "id" in c}
         except (ValueError, KeyError, TypeError) as error:
             raise AgentError(f"{self.runtime.label} gave no model list to GET /v1/models ({error})",
-                             code="runtime_error", status=502) from None
+                             code="runtime_error") from None
 
     async def _runtime_load(self, held: HeldAdapter, replace: bool) -> None:
         body = {"lora_name": held.name, "lora_path": held.path, "load_inplace": replace}
@@ -220,13 +200,13 @@ class AdapterAgent:
         if answer.outcome == "not_found":
             raise AgentError(f"{where} found no adapter at {held.path}: the adapters volume must be mounted at the "
                              f"same path in the runtime and the agent ({answer.message})",
-                             code="runtime_cannot_read", status=502)
+                             code="runtime_cannot_read")
         if answer.outcome == "rank_too_high":
             raise AgentError(f"{where} refused the adapter's rank {held.rank}: {answer.message}",
-                             code="rank_too_high", status=400)
+                             code="rank_too_high")
         if answer.outcome == "refused" or answer.outcome == "already_loaded":
-            raise AgentError(f"{where} refused the adapter: {answer.message}", code="runtime_refused", status=400)
-        raise AgentError(f"{where} failed to load the adapter: {answer.message}", code="runtime_error", status=502)
+            raise AgentError(f"{where} refused the adapter: {answer.message}", code="runtime_refused")
+        raise AgentError(f"{where} failed to load the adapter: {answer.message}", code="runtime_error")
 
     async def _runtime_unload(self, name: str) -> bool:
         """Whether the runtime held the adapter."""
@@ -238,16 +218,16 @@ class AdapterAgent:
         answer = classify_unload(response.status_code, response.text)
         if answer.outcome in ("unloaded", "not_found"):
             return answer.outcome == "unloaded"
-        raise AgentError(f"{self.runtime.label} failed to unload {name}: {answer.message}", code="runtime_error",
-                         status=502 if answer.outcome == "failed" else 400)
+        raise AgentError(f"{self.runtime.label} failed to unload {name}: {answer.message}",
+                         code="runtime_error" if answer.outcome == "failed" else "runtime_refused")
 
     # --- what the operator calls -------------------------------------------------------------------
 
     async def load(self, request: LoadRequest) -> HeldAdapter:
         try:
             check_allowed(request.lora_path, self.allowed_prefixes)
-        except AdapterError as error:
-            raise AgentError(error.message, code=error.code, status=error.status) from None
+        except AdapterFormatError as error:
+            raise AgentError.of(error) from None
         async with self._lock(request.lora_name):
             before = self.held.get(request.lora_name)
             same = (before is not None and before.source == request.lora_path
@@ -276,7 +256,7 @@ class AdapterAgent:
             held = self.held.get(name)
             in_runtime = await self._runtime_unload(name)
             if held is None and not in_runtime:
-                raise AgentError(f"The lora adapter '{name}' cannot be found.", code="model_not_found", status=404)
+                raise AgentError(f"The lora adapter '{name}' cannot be found.", code="lora_not_found")
             if held is not None:
                 del self.held[name]
                 self.problems.pop(name, None)
@@ -311,7 +291,7 @@ class AdapterAgent:
                     continue
                 try:
                     if weights_sha256(Path(held.path)) != held.sha256:
-                        raise AgentError(f"the copy of {name} in {held.path} changed on disk", code="digest_mismatch")
+                        raise AgentError(f"the copy of {name} in {held.path} changed on disk", code="sha256_mismatch")
                     await self._runtime_load(held, replace=False)
                 except (AgentError, OSError) as error:
                     message = error.message if isinstance(error, AgentError) else type(error).__name__

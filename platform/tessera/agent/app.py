@@ -16,8 +16,9 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tessera.adapter_format.runtime import LLAMA_TARGET_MODULES, RuntimeKind, RuntimeProfile
 from tessera.agent.agent import AdapterAgent, LoadRequest, UnloadRequest
-from tessera.agent.rules import LLAMA_TARGET_MODULES, AgentError, RuntimeKind, RuntimeProfile
+from tessera.agent.rules import AgentError
 from tessera.api.tenancy import DEFAULT_SHARED_PREFIXES, TenancyRules
 
 log = logging.getLogger(__name__)

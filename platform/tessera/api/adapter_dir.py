@@ -9,33 +9,35 @@ it, and `tessera evaluate` recognises an adapter directory by its config file.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import Field
+
+from tessera.api.records import Record
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_CARD_FILE = "model-card.json"
 
 
-class _CardPart(BaseModel):
-    # A card may come from elsewhere (an adapter applied by hand): unknown keys are kept, never refused.
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+# A card may come from elsewhere (an adapter applied by hand): unknown keys are kept, never refused (Record).
 
 
-class CardBaseModel(_CardPart):
+class CardBaseModel(Record):
     name: str | None = None
     uri: str | None = None
     sha256: str | None = None
 
 
-class ModelCard(_CardPart):
+class ModelCard(Record):
     """`model-card.json`: what the adapter was trained on and from, and how well it did.
 
     `architecture` and `vocabSize` are the base's identity (from its `config.json`): the server
     refuses an adapter whose card names another one. Every field is optional on read.
     """
+
+    kind: ClassVar[str] = "model card"
+    file: ClassVar[str] = MODEL_CARD_FILE
 
     name: str | None = None
     version: str | None = None
@@ -51,21 +53,6 @@ class ModelCard(_CardPart):
     training: dict[str, Any] | None = None
     cost: dict[str, Any] | None = None
 
-    @classmethod
-    def read(cls, document: Any) -> ModelCard:
-        """The card in a parsed JSON document; ValueError naming the bad fields (never their values)."""
-        if not isinstance(document, dict):
-            raise ValueError(f"{MODEL_CARD_FILE} must hold a JSON object")
-        try:
-            return cls.model_validate(document)
-        except ValidationError as error:
-            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                               for e in error.errors(include_url=False, include_input=False, include_context=False))
-            raise ValueError(f"{MODEL_CARD_FILE} is not a valid model card: {fields}") from None
-
     @property
     def base_model_name(self) -> str | None:
         return self.base_model.name if isinstance(self.base_model, CardBaseModel) else self.base_model
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)

@@ -18,6 +18,8 @@ from typing import Any
 
 import typer
 
+from tessera.api.records import Record
+
 JOB_FILE = typer.Option(..., "--file", "-f", exists=True, dir_okay=False, help="FineTuneJob YAML.")
 OVERRIDES = typer.Option([], "--set", help="Override a field, e.g. spec.training.epochs=2 (repeatable).")
 AS_JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
@@ -65,7 +67,8 @@ def _json_only_stdout(as_json: bool) -> Iterator[None]:
 
 def _emit(result: Any, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
+        document = result.to_json() if isinstance(result, Record) else result
+        typer.echo(json.dumps(document, indent=2, default=str))
 
 
 def label(
@@ -111,13 +114,13 @@ def train(
     job = _setup(job_file, set_)
     env = DistEnv.from_environ()
     with _json_only_stdout(as_json):
-        outcome = train_job(job, show_progress=progress, env=env).to_json()
+        outcome = train_job(job, show_progress=progress, env=env)
     if not env.is_main:
         return
     if result is not None:
-        result.write_text(json.dumps(outcome))
-    typer.echo(f"trained {outcome['step']}/{outcome['totalSteps']} steps, loss {outcome['trainLoss']}, "
-               f"checkpoint {outcome['checkpoint']}", err=True)
+        result.write_text(json.dumps(outcome.to_json()))
+    typer.echo(f"trained {outcome.step}/{outcome.total_steps} steps, loss {outcome.train_loss}, "
+               f"checkpoint {outcome.checkpoint}", err=True)
     _emit(outcome, as_json)
 
 
@@ -155,7 +158,7 @@ def publish(job_file: Path = JOB_FILE, set_: list[str] = OVERRIDES, as_json: boo
     job = _setup(job_file, set_)
     with _json_only_stdout(as_json):
         record = publish_job(job)
-    typer.echo(f"published {record['name']} {record['version']} to {record['uri']}", err=True)
+    typer.echo(f"published {record.name} {record.version} to {record.uri}", err=True)
     _emit(record, as_json)
 
 
@@ -173,7 +176,7 @@ def run(
     with _json_only_stdout(as_json):
         outcome = run_job(job, fresh=fresh, show_progress=progress)
     if not as_json:
-        typer.echo(f"adapter: {outcome['adapter_uri']}", err=True)
+        typer.echo(f"adapter: {outcome.adapter_uri}", err=True)
     _emit(outcome, as_json)
 
 

@@ -1,4 +1,5 @@
-"""The evaluation report: pure functions from scores to the JSON contract and a readable table."""
+"""The evaluation report's arithmetic: pure functions from scores to the numbers of an `EvaluationReport`
+(`tessera.api.records`) and a readable table."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tessera.api.records import EvaluationReport
 from tessera.evaluate.distillation import format_distillation
 
 # Metrics where a smaller number is the better model.
@@ -61,11 +63,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(report: Mapping[str, Any]) -> str:
+def format_table(report: EvaluationReport) -> str:
     """Base vs adapter, one metric a row, the headline metric first."""
-    base = report.get("base") or {}
-    adapter = report.get("adapter") or {}
-    metric = report["metric"]
+    base = report.base or {}
+    adapter = report.adapter
+    metric = report.metric
     names = [metric] + [
         name for name in dict.fromkeys([*adapter, *base])
         if name != metric and name not in _TABLE_SKIP and isinstance(adapter.get(name, base.get(name)), (int, float))
@@ -76,14 +78,13 @@ def format_table(report: Mapping[str, Any]) -> str:
         delta = "-" if a is None or b is None else f"{a - b:+.4f}"
         rows.append((name, _cell(b), _cell(a), delta))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [f"{report['task']} on {report['samples']} examples ({report.get('data', 'eval split')})"]
+    lines = [f"{report.task} on {report.samples} examples ({report.data})"]
     lines += ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
                         for i, (cell, width) in enumerate(zip(row, widths, strict=True))) for row in rows]
-    majority = report.get("majority")
-    if majority:
-        lines.append(f"majority class '{majority['label']}': accuracy {majority['accuracy']:.4f}")
-    if report.get("checkpoint"):
-        lines.append(f"adapter: {report['checkpoint']}")
-    if report.get("distillation"):
-        lines.append(format_distillation(report["distillation"]))
+    if report.majority:
+        lines.append(f"majority class '{report.majority.label}': accuracy {report.majority.accuracy:.4f}")
+    if report.checkpoint:
+        lines.append(f"adapter: {report.checkpoint}")
+    if report.distillation:
+        lines.append(format_distillation(report.distillation))
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from typing import Any
 
 from tessera.api import FineTuneJob, paths
 from tessera.api.adapter_dir import CONFIG_FILE
+from tessera.api.records import EvaluationReport
 from tessera.errors import TesseraError
 from tessera.evaluate.report import best_checkpoint, improvement, label_counts, majority_baseline
 from tessera.scratch import scratch_dir
@@ -180,13 +181,13 @@ def _candidates(job: FineTuneJob, artifacts: Any, adapter_uri: str | None, workd
 def evaluate_job(
     job: FineTuneJob, *, adapter_uri: str | None = None, data_uri: str | None = None, show_progress: bool = True,
     serving: tuple[str, str] | None = None,
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """Score base and adapter; write the job's report unless an ad-hoc adapter or dataset was given.
     `serving`: (OpenAI base URL, model name) where the adapter is served, to time a teacher job's student there."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tessera.store.jobs import JobArtifacts
+    from tessera.job_artifacts import JobArtifacts
     from tessera.train.distributed import DistEnv
     from tessera.train.modeling import detect_hardware, device_for, fetch_base_model, load_base_model
     from tessera.train.plan import compute_precision
@@ -227,27 +228,27 @@ def evaluate_job(
     chosen = next(c for c in candidates if c.name == chosen_name)
     adapter = scores[chosen_name]
     golds = [example.label for example in examples]
-    report: dict[str, Any] = {
-        "task": task.name,
-        "metric": metric,
-        "base": base,
-        "adapter": adapter,
-        "improvement": improvement(metric, base, adapter),
-        "majority": majority_baseline(train_labels, golds) if task.labels else None,
-        "samples": len(examples),
-        "labels": label_counts(golds) if task.labels else None,
-        "samplesPerSecond": adapter.get("samplesPerSecond"),
-        "secondsPerExample": adapter.get("secondsPerExample"),
-        "data": data_name,
-        "adapterUri": chosen.uri,
-        "checkpoint": chosen.checkpoint,
-        "checkpoints": {c.checkpoint: scores[c.name].get(metric) for c in candidates if c.checkpoint} or None,
-    }
+    report = EvaluationReport(
+        task=task.name,
+        metric=metric,
+        base=base,
+        adapter=adapter,
+        improvement=improvement(metric, base, adapter),
+        majority=majority_baseline(train_labels, golds) if task.labels else None,
+        samples=len(examples),
+        labels=label_counts(golds) if task.labels else None,
+        samples_per_second=adapter.get("samplesPerSecond"),
+        seconds_per_example=adapter.get("secondsPerExample"),
+        data=data_name,
+        adapter_uri=chosen.uri,
+        checkpoint=chosen.checkpoint,
+        checkpoints={c.checkpoint: scores[c.name].get(metric) for c in candidates if c.checkpoint} or None,
+    )
     if job.spec.dataset.teacher is not None and rows is not None and answers[chosen_name]:
         from tessera.evaluate.distillation import teacher_vs_student
 
-        report["distillation"] = teacher_vs_student(job, task, rows, answers[chosen_name],
-                                                    adapter.get("secondsPerExample"), serving)
+        report.distillation = teacher_vs_student(job, task, rows, answers[chosen_name],
+                                                 adapter.get("secondsPerExample"), serving)
     if adapter_uri is None and data_uri is None:
-        artifacts.store.put_json(artifacts.key(paths.eval_report_key(job)), report)
+        artifacts.store.put_json(artifacts.key(paths.eval_report_key(job)), report.to_json())
     return report

@@ -13,11 +13,11 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from tessera.api import FineTuneJob, paths
+from tessera.api.records import RunOutcome, TrainingOutcome
 from tessera.errors import TesseraError
 from tessera.scratch import scratch_dir
 
@@ -43,7 +43,7 @@ def ensure_base_model(job: FineTuneJob) -> None:
 
 def start_over(job: FineTuneJob) -> None:
     """Forget the job's earlier run: prepared data, checkpoints, logs, report (adapters stay)."""
-    from tessera.store.jobs import JobArtifacts
+    from tessera.job_artifacts import JobArtifacts
 
     artifacts = JobArtifacts.open(job)
     artifacts.store.delete(artifacts.key(paths.job_prefix(job)), recursive=True, missing_ok=True)
@@ -53,16 +53,16 @@ def torchrun_command(job_file: Path, processes: int, result_file: Path) -> list[
     """`tessera train` under torchrun with `processes` local ranks (what a PyTorchJob's pods run)."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "tessera.train", "-f", str(job_file), "--result", str(result_file),
+        "-m", "tessera", "train", "-f", str(job_file), "--result", str(result_file),
     ]
 
 
-def _train(job: FineTuneJob, show_progress: bool) -> dict[str, Any]:
+def _train(job: FineTuneJob, show_progress: bool) -> TrainingOutcome:
     from tessera.train.trainer import train_job
 
     workers = job.spec.distribution.workers
     if workers == 1:
-        return train_job(job, show_progress=show_progress).to_json()
+        return train_job(job, show_progress=show_progress)
     with scratch_dir("run") as scratch:
         job_file = Path(scratch) / "job.yaml"
         job_file.write_text(yaml.safe_dump(job.to_manifest(), sort_keys=False))
@@ -71,10 +71,10 @@ def _train(job: FineTuneJob, show_progress: bool) -> dict[str, Any]:
         if completed.returncode != 0:
             raise TrainingProcessError(f"training under torchrun with {workers} processes failed "
                                        f"(exit code {completed.returncode}); see its output above")
-        return json.loads(result_file.read_text())
+        return TrainingOutcome.read(json.loads(result_file.read_text()), str(result_file))
 
 
-def run_job(job: FineTuneJob, *, fresh: bool = False, show_progress: bool = True) -> dict[str, Any]:
+def run_job(job: FineTuneJob, *, fresh: bool = False, show_progress: bool = True) -> RunOutcome:
     """[label ->] prepare -> train -> evaluate -> publish; returns the adapter URI and every step's result."""
     from tessera.data import prepare
     from tessera.evaluate.report import format_table
@@ -94,8 +94,8 @@ def run_job(job: FineTuneJob, *, fresh: bool = False, show_progress: bool = True
     log.info("      %d training and %d evaluation examples", len(prepared.train), len(prepared.eval))
     log.info("[2/4] train")
     training = _train(job, show_progress)
-    log.info("      %d steps, loss %s, %d tokens, %.4f device hours", training["step"], training["trainLoss"],
-             training["trainedTokens"], training["deviceHours"])
+    log.info("      %d steps, loss %s, %d tokens, %.4f device hours", training.step, training.train_loss,
+             training.trained_tokens, training.device_hours)
     report = None
     if job.spec.evaluation.enabled:
         log.info("[3/4] evaluate")
@@ -105,11 +105,6 @@ def run_job(job: FineTuneJob, *, fresh: bool = False, show_progress: bool = True
         log.info("[3/4] evaluate: skipped (spec.evaluation.enabled is false)")
     log.info("[4/4] publish")
     published = publish_job(job)
-    log.info("      %s", published["uri"])
-    return {
-        "job": f"{job.metadata.namespace}/{job.metadata.name}",
-        "adapter_uri": published["uri"],
-        "published": published,
-        "training": training,
-        "evaluation": report,
-    }
+    log.info("      %s", published.uri)
+    return RunOutcome(job=f"{job.metadata.namespace}/{job.metadata.name}", adapter_uri=published.uri,
+                      published=published, training=training, evaluation=report)

@@ -17,10 +17,11 @@ from typing import Any
 
 from tessera.api import FineTuneJob, paths
 from tessera.api.adapter_dir import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE, CardBaseModel, ModelCard
+from tessera.api.records import EvaluationReport, PublishedBaseModel, PublishedRecord
 from tessera.errors import TesseraError
+from tessera.job_artifacts import JobArtifacts
 from tessera.scratch import scratch_dir
 from tessera.store import local_manifest, manifest_digest, open_store
-from tessera.store.jobs import JobArtifacts
 from tessera.train.checkpoint import ADAPTER_DIR, load_state
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def base_model_identity(uri: str) -> tuple[str | None, int | None]:
 
 
 def model_card(
-    job: FineTuneJob, *, version: str, created_at: datetime, report: dict[str, Any] | None,
+    job: FineTuneJob, *, version: str, created_at: datetime, report: EvaluationReport | None,
     checkpoint: str, state: Any, dataset_manifest: dict[str, Any], base_digest: str | None,
     base_identity: tuple[str | None, int | None] = (None, None), teacher: dict[str, Any] | None = None,
 ) -> ModelCard:
@@ -101,12 +102,12 @@ def model_card(
             "distribution": spec.distribution.model_dump(mode="json", by_alias=True),
         },
         metrics=None if report is None else {
-            "metric": report["metric"],
-            "samples": report["samples"],
-            "adapter": report["adapter"],
-            "base": report["base"],
-            "majority": report.get("majority"),
-            **({"distillation": report["distillation"]} if report.get("distillation") else {}),
+            "metric": report.metric,
+            "samples": report.samples,
+            "adapter": report.adapter,
+            "base": report.base,
+            "majority": report.majority.to_json() if report.majority else None,
+            **({"distillation": report.distillation} if report.distillation else {}),
         },
         training={
             "steps": state.step,
@@ -171,7 +172,7 @@ def _own_published_version(
     return None
 
 
-def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, Any]:
+def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> PublishedRecord:
     """Publish the evaluated adapter of `job`; returns the `published.json` record."""
     from tessera.data import load_prepared
 
@@ -179,10 +180,10 @@ def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, A
     store = artifacts.store
     record_key = artifacts.key(paths.published_key(job))
     if store.exists(record_key):
-        record = store.get_json(record_key)
-        published_prefix = paths.adapter_prefix(job.metadata.namespace, record["name"], record["version"])
+        record = PublishedRecord.read(store.get_json(record_key), store.uri(record_key))
+        published_prefix = paths.adapter_prefix(job.metadata.namespace, record.name, record.version)
         if store.is_published(artifacts.key(published_prefix)):
-            log.info("%s is already published as %s", job.metadata.name, record["uri"])
+            log.info("%s is already published as %s", job.metadata.name, record.uri)
             return record
 
     steps = artifacts.checkpoint_steps()
@@ -190,11 +191,12 @@ def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, A
         raise PublishError(f"nothing to publish: no checkpoint under "
                            f"{artifacts.uri(paths.checkpoints_prefix(job))}; run `tessera train` first")
     report_key = artifacts.key(paths.eval_report_key(job))
-    report = store.get_json(report_key) if store.exists(report_key) else None
+    report = EvaluationReport.read(store.get_json(report_key), store.uri(report_key)) if store.exists(report_key) \
+        else None
     if report is None and job.spec.evaluation.enabled:
         raise PublishError(f"no evaluation report at {store.uri(report_key)}: run `tessera evaluate` first "
                            "(or set spec.evaluation.enabled: false)")
-    checkpoint = (report or {}).get("checkpoint") or artifacts.checkpoint(steps[-1])
+    checkpoint = (report.checkpoint if report else None) or artifacts.checkpoint(steps[-1])
     # Tokens, hours and cost are those of the whole run, whichever checkpoint was chosen.
     state = load_state(artifacts, steps[-1])
     dataset_manifest = load_prepared(job, store).manifest
@@ -222,20 +224,20 @@ def publish_job(job: FineTuneJob, *, now: datetime | None = None) -> dict[str, A
             (staged / MODEL_CARD_FILE).write_text(json.dumps(card.to_json(), indent=2))
             store.publish_dir(staged, artifacts.key(prefix))
 
-    record = {
-        "name": job.adapter_name,
-        "version": version,
-        "uri": artifacts.uri(prefix),
-        "sha256": weights_sha,
-        "baseModel": {"uri": job.spec.base_model.uri, "name": job.spec.base_model.name},
-        "task": job.spec.dataset.task,
-        "rank": job.spec.lora.rank,
-        "metrics": numeric_metrics((report or {}).get("adapter")),
-        "datasetSha256": dataset_manifest.get("datasetSha256"),
-        "checkpoint": checkpoint,
-        "trainedTokens": state.trained_tokens,
-        "deviceHours": card.training["deviceHours"],
-        "cost": card.cost,
-    }
-    store.put_json(record_key, record)
+    record = PublishedRecord(
+        name=job.adapter_name,
+        version=version,
+        uri=artifacts.uri(prefix),
+        sha256=weights_sha,
+        base_model=PublishedBaseModel(uri=job.spec.base_model.uri, name=job.spec.base_model.name),
+        task=job.spec.dataset.task,
+        rank=job.spec.lora.rank,
+        metrics=numeric_metrics(report.adapter if report else None),
+        dataset_sha256=dataset_manifest.get("datasetSha256"),
+        checkpoint=checkpoint,
+        trained_tokens=state.trained_tokens,
+        device_hours=card.training["deviceHours"],
+        cost=card.cost,
+    )
+    store.put_json(record_key, record.to_json())
     return record

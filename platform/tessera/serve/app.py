@@ -16,6 +16,7 @@ import tempfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -24,13 +25,16 @@ from tessera.access.middleware import AccessControl
 from tessera.access.settings import AccessPolicy
 from tessera.serve.settings import ServeSettings
 
+if TYPE_CHECKING:  # imported when the server is built: it brings torch
+    from tessera.serve.runtime.service import ModelService
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Server:
     app: FastAPI
-    service: object  # tessera.serve.runtime.service.ModelService
+    service: ModelService
     settings: ServeSettings
 
 
@@ -71,19 +75,20 @@ def build_server(settings: ServeSettings) -> Server:
     access_policy.base = served_name
     spec = ServedBase.of(base.model, base.name)
     lora = LoraSlots(base.model, settings.max_loras + 1, base.dtype, base.device)
-    engine = Engine(
-        base.model,
-        base.tokenizer,
-        lora,
-        max_batch_size=settings.max_batch_size,
-        max_wait=settings.max_wait_ms / 1000,
-        max_model_len=base.max_model_len,
-        eos_token_ids=base.eos_token_ids,
-    )
     registry = AdapterRegistry(
-        engine, spec, max_rank=settings.max_lora_rank, allowed_prefixes=settings.allowed_prefixes,
-        cache_dir=cache_dir,
+        lambda reloader: Engine(
+            base.model,
+            base.tokenizer,
+            lora,
+            max_batch_size=settings.max_batch_size,
+            max_wait=settings.max_wait_ms / 1000,
+            max_model_len=base.max_model_len,
+            eos_token_ids=base.eos_token_ids,
+            reloader=reloader,
+        ),
+        spec, max_rank=settings.max_lora_rank, allowed_prefixes=settings.allowed_prefixes, cache_dir=cache_dir,
     )
+    engine = registry.engine
     limits = RequestLimits(max_request_bytes=settings.max_request_bytes, max_prompts=settings.max_prompts,
                            max_prompt_tokens=settings.max_prompt_tokens, max_request_tokens=settings.max_request_tokens,
                            max_response_bytes=settings.max_response_bytes)

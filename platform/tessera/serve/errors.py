@@ -7,20 +7,17 @@ Its message is written for the client: never a traceback, file content or enviro
 
 from __future__ import annotations
 
-from tessera.redact import redact
+from tessera.errors import CodedError
 
 
-class ServeError(Exception):
-    """`status` is the HTTP status, `code` a stable machine-readable reason, `param` the request field
-    at fault (OpenAI's `param`), `type` the error type where a protocol fixes one (vLLM's adapter API)."""
+class ServeError(CodedError):
+    """`status` is the HTTP status (by default the one `tessera.errors.ERROR_STATUS` gives `code`), `code`
+    a stable machine-readable reason, `param` the request field at fault (OpenAI's `param`), `type` the
+    error type where a protocol fixes one (vLLM's adapter API)."""
 
-    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_request",
+    def __init__(self, message: str, *, status: int | None = None, code: str = "invalid_request",
                  param: str | None = None, type: str | None = None) -> None:
-        message = redact(message)
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.code = code
+        super().__init__(message, code=code, status=status)
         self.param = param
         self.type = type
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.errors import TesseraError
-from tessera.store.jobs import JobArtifacts
+from tessera.job_artifacts import JobArtifacts
 from tessera.train.distributed import Collective, DistEnv
 from tessera.train.plan import fingerprint_changes
 

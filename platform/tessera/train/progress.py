@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tessera.api import paths
-from tessera.store.jobs import JobArtifacts
+from tessera.job_artifacts import JobArtifacts
 from tessera.train.trainer_status import TrainerStatusReporter
 
 TRAIN_LOG = "train-log.jsonl"

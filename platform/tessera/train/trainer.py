@@ -14,48 +14,18 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tessera.api import FineTuneJob
-from tessera.store.jobs import JobArtifacts
+from tessera.api.records import TrainingOutcome
+from tessera.job_artifacts import JobArtifacts
 from tessera.train import plan
 from tessera.train.checkpoint import TrainState, find_resume_point, restore, save_checkpoint
 from tessera.train.distributed import Collective, DistEnv
 from tessera.train.progress import ProgressReporter, progress_document
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What rank 0 reports when training ends (other ranks get the same counters)."""
-
-    step: int
-    total_steps: int
-    resumed_from: int | None
-    checkpoint: str  # relative key of the final checkpoint
-    train_loss: float | None
-    trained_tokens: int
-    device_hours: float
-    tokens_per_second: float | None
-    engine: str
-    world_size: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "totalSteps": self.total_steps,
-            "resumedFrom": self.resumed_from,
-            "checkpoint": self.checkpoint,
-            "trainLoss": self.train_loss,
-            "trainedTokens": self.trained_tokens,
-            "deviceHours": self.device_hours,
-            "tokensPerSecond": self.tokens_per_second,
-            "engine": self.engine,
-            "worldSize": self.world_size,
-        }
 
 
 def configure_threads(env: DistEnv) -> None:
@@ -114,7 +84,7 @@ def _build_engine(model: Any, job: FineTuneJob, schedule: plan.Schedule, name: s
     return TorchEngine(model, job, schedule.total_steps)
 
 
-def train_job(job: FineTuneJob, *, show_progress: bool = True, env: DistEnv | None = None) -> TrainResult:
+def train_job(job: FineTuneJob, *, show_progress: bool = True, env: DistEnv | None = None) -> TrainingOutcome:
     """Train the job's adapter from its prepared data; resume from its latest checkpoint if any."""
     import torch
     from transformers import AutoTokenizer
@@ -193,9 +163,9 @@ def train_job(job: FineTuneJob, *, show_progress: bool = True, env: DistEnv | No
 
 
 def _result(artifacts: JobArtifacts, state: TrainState, resumed_from: int | None, engine: str,
-            env: DistEnv) -> TrainResult:
+            env: DistEnv) -> TrainingOutcome:
     rates = [entry["tokensPerSecond"] for entry in state.history if entry.get("tokensPerSecond")]
-    return TrainResult(
+    return TrainingOutcome(
         step=state.step,
         total_steps=state.total_steps,
         resumed_from=resumed_from,

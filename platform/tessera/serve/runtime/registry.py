@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from tessera.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
+from tessera.adapter_format import check_allowed, store_refusals
 from tessera.safe_yaml import safe_load
 from tessera.scratch import scratch_dir
 from tessera.serve import metrics
@@ -37,10 +37,10 @@ from tessera.serve.runtime.adapters import (
     AdapterError,
     PreparedAdapter,
     ServedBase,
-    check_allowed,
+    adapter_refusals,
     prepare_adapter,
 )
-from tessera.serve.runtime.engine import Engine
+from tessera.serve.runtime.engine import AdapterReloader, Engine
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,18 @@ class _NameLock:
 
 
 class AdapterRegistry:
+    """The adapters served, by name. The registry brings back what the engine evicts, so it builds the
+    engine it serves with itself as the reloader: `make_engine(reloader)` (both are wired once, here)."""
+
     def __init__(
         self,
-        engine: Engine,
+        make_engine: Callable[[AdapterReloader], Engine],
         base: ServedBase,
         *,
         max_rank: int,
         allowed_prefixes: list[str],
         cache_dir: Path,
     ) -> None:
-        self.engine = engine
         self.base = base
         self.max_rank = max_rank
         self.allowed_prefixes = allowed_prefixes
@@ -130,7 +132,7 @@ class AdapterRegistry:
         self._name_locks: dict[str, _NameLock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, known from the first load
         self._reloads: set[Future] = set()
-        engine.reloader = self
+        self.engine = make_engine(self)  # last: the engine may call back into a complete registry
 
     def get(self, name: str) -> AdapterRecord | None:
         return self.records.get(name)
@@ -139,15 +141,8 @@ class AdapterRegistry:
         from tessera.store import fetch
 
         with scratch_dir("adapter", self.cache_dir) as workdir:
-            try:
+            with adapter_refusals(), store_refusals(source):
                 directory = fetch(source, workdir)
-            except ObjectNotFoundError:
-                raise AdapterError(f"lora_path {source!r} does not exist", code="adapter_not_found",
-                                   status=404) from None
-            except StoreUnavailableError as error:
-                raise AdapterError(f"the store is unavailable: {error}", code="store_unavailable", status=503) from None
-            except StoreError as error:
-                raise AdapterError(f"cannot read lora_path {source!r}: {error}", code="store_error") from None
             if not directory.is_dir():
                 raise AdapterError(f"lora_path {source!r} is a file; give the adapter directory",
                                    code="adapter_corrupt")
@@ -174,7 +169,8 @@ class AdapterRegistry:
                 if name in self.records and not inplace:  # vLLM's first check, before the path's
                     raise already_loaded(name)
                 # The checked location is what is fetched, now and on every reload: never `source` again.
-                checked = check_allowed(source, self.allowed_prefixes)
+                with adapter_refusals():
+                    checked = check_allowed(source, self.allowed_prefixes)
                 # A local adapter keeps a plain path, as vLLM's model cards show `root`.
                 location = str(checked) if checked.is_remote else str(checked.path)
                 loop = asyncio.get_running_loop()
