@@ -16,13 +16,14 @@ from typing import Any
 
 import kopf
 from tessera.api import API_VERSION, GROUP, TERMINAL_PHASES, VERSION, Experiment, FineTuneJob, parse_resource
+from tessera.api.records import PublishedRecord
 from tessera.errors import InvalidSpecError, StoreError
 from tessera.experiment.cells import cell_jobs
 from tessera.experiment.report import write_report
 from tessera.experiment.results import CellResult, read_cell_result
 from tessera.experiment.status import experiment_status
+from tessera.job_artifacts import JobArtifacts
 from tessera.redact import redact
-from tessera.store.jobs import JobArtifacts
 from tessera_operator.artifacts import open_job_store
 from tessera_operator.builders import build_adapter, owner_reference
 from tessera_operator.config import OperatorConfig
@@ -175,7 +176,8 @@ def _promote(body: kopf.Body, experiment: Experiment, cells: list[Any], winner: 
     artifacts = JobArtifacts(store_root[0], store_root[1], job)
     from tessera.api import paths
 
-    published = artifacts.store.get_json(artifacts.key(paths.published_key(job)))
+    key = artifacts.key(paths.published_key(job))
+    published = PublishedRecord.read(artifacts.store.get_json(key), key)
     adapter = build_adapter(job, published)
     _, created = kube.create(adapter)
     if created:

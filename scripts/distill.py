@@ -56,7 +56,7 @@ def teacher_adapter() -> str:
     record = STORE / "jobs" / "default" / "tfns-sentiment" / "published.json"
     if record.exists():
         return json.loads(record.read_text())["uri"]
-    return tessera("run", "-f", str(TEACHER_JOB))["adapter_uri"]
+    return tessera("run", "-f", str(TEACHER_JOB))["adapterUri"]
 
 
 async def throughput(base_url: str, model: str, prompts: list[str], concurrency: int) -> float:
@@ -101,7 +101,7 @@ def main() -> None:
         distillation = report["distillation"]
 
         httpx.post(f"{base_url}/v1/load_lora_adapter", json={"lora_name": "tfns-distilled",
-                                                              "lora_path": result["adapter_uri"]},
+                                                              "lora_path": result["adapterUri"]},
                    timeout=120).raise_for_status()
         from tessera.tasks import get_task
 
@@ -120,7 +120,7 @@ def main() -> None:
     serving = {model: {"predictionsPerSecond": rate, "costPer1000": 1000 * price / 3600 / rate}
                for model, rate in rates.items()}
     summary = {"distillation": distillation, "serving": serving, "pricePerDeviceHour": price,
-               "studentAdapter": result["adapter_uri"], "teacherAdapter": teacher_uri,
+               "studentAdapter": result["adapterUri"], "teacherAdapter": teacher_uri,
                "student": {k: report["adapter"].get(k) for k in ("accuracy", "f1_weighted", "unparsed_rate")},
                "base": {k: (report["base"] or {}).get(k) for k in ("accuracy", "f1_weighted")},
                "wallMinutes": (time.perf_counter() - started) / 60}

@@ -101,22 +101,22 @@ def test_a_distillation_job_runs_end_to_end_with_lineage_and_the_teacher_vs_stud
     assert set(heldout_prompts) <= set(teacher.received) and set(teacher.answered.values()) == {1}, \
         "every training and held-out tweet asked exactly once, the rerun of evaluate answered from the cache"
     assert dict(student_server.answered) == dict.fromkeys(heldout_prompts, 1), "timed on the server: each row once"
-    served = served["distillation"]
+    served = served.distillation
     seconds = served["costPer1000"]["studentServingSecondsPerPrediction"]
     assert seconds > 0 and served["costPer1000"]["studentByServing"] == pytest.approx(1000 * seconds * 3.6 / 3600)
-    section = outcome["evaluation"]["distillation"]
+    section = outcome.evaluation.distillation
     golds = [TFNS_LABELS[r["label"]] for r in sample[40:56]]
     expected = sum(sentiment_of(p) == g for p, g in zip(heldout_prompts, golds, strict=True)) / len(golds)
     assert section["samples"] == 16 and section["gold"] == "human"
     assert section["teacherAccuracy"] == pytest.approx(expected)
-    assert section["studentAccuracy"] == pytest.approx(outcome["evaluation"]["adapter"]["accuracy"])
+    assert section["studentAccuracy"] == pytest.approx(outcome.evaluation.adapter["accuracy"])
     assert 0.0 <= section["agreement"] <= 1.0
     cost = section["costPer1000"]
     assert cost["teacherByTokens"] == pytest.approx(1000 * (40 * 1.0 + 2 * 4.0) / 1e6)
-    student_seconds = outcome["evaluation"]["adapter"]["secondsPerExample"]
+    student_seconds = outcome.evaluation.adapter["secondsPerExample"]
     assert cost["studentByTime"] == pytest.approx(1000 * student_seconds * 3.6 / 3600)
 
-    card = json.loads((Path(outcome["adapter_uri"].removeprefix("file://")) / "model-card.json").read_text())
+    card = json.loads((Path(outcome.adapter_uri.removeprefix("file://")) / "model-card.json").read_text())
     lineage = card["lineage"]["teacher"]
     data = (tmp_path / "store" / labelled_data_key(job)).read_bytes()
     assert lineage["labelledSha256"] == hashlib.sha256(data).hexdigest() == card["dataset"]["sha256"]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from tessera.api import FineTuneJob
-from tessera.store.jobs import JobArtifacts
+from tessera.job_artifacts import JobArtifacts
 from tessera.train.checkpoint import ENGINE_DIR, RNG_DIR, STATE_FILE, TrainState, restore, rng_state, set_rng_state
 from tessera.train.distributed import DistEnv
 from tessera.train.engine import TORCH_STATE_FILE, load_weights_only

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from tessera.api import GROUP, VERSION, Experiment, FineTuneJob, parse_resource
 from tessera.api.experiment import ExperimentStatus
+from tessera.api.records import RunOutcome
 from tessera.errors import TesseraError
 
 TERMINAL = ("Succeeded", "Failed")
@@ -137,14 +138,14 @@ class KubernetesBackend:
         return read_report(status.report_uri)
 
 
-def _succeeded_job_status(outcome: dict[str, Any]) -> Any:
+def _succeeded_job_status(outcome: RunOutcome) -> Any:
     from tessera.api.finetunejob import FineTuneJobStatus, JobMetrics, ObjectRef
 
-    training, evaluation = outcome["training"], outcome.get("evaluation") or {}
-    numbers = {k: float(v) for k, v in (evaluation.get("adapter") or {}).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    training = outcome.training
+    scores = outcome.evaluation.adapter if outcome.evaluation else {}
+    numbers = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return FineTuneJobStatus(
-        phase="Succeeded", trained_tokens=training.get("trainedTokens"), gpu_hours=training.get("deviceHours"),
-        metrics=JobMetrics(train_loss=training.get("trainLoss"), eval_loss=numbers.get("eval_loss"), adapter=numbers),
-        adapter_ref=ObjectRef(name=outcome["published"]["name"], uri=outcome["adapter_uri"]),
+        phase="Succeeded", trained_tokens=training.trained_tokens, gpu_hours=training.device_hours,
+        metrics=JobMetrics(train_loss=training.train_loss, eval_loss=numbers.get("eval_loss"), adapter=numbers),
+        adapter_ref=ObjectRef(name=outcome.published.name, uri=outcome.adapter_uri),
     )

@@ -89,7 +89,7 @@ def _eval_records(job: FineTuneJob, rows: Sequence[Mapping[str, Any]]) -> list[M
     """The source records of the eval rows (their text, for the teacher's prompt), by row number."""
     from tessera.api.paths import labelled_data_key
     from tessera.data import read_dataset
-    from tessera.store.jobs import JobArtifacts
+    from tessera.job_artifacts import JobArtifacts
 
     dataset = job.spec.dataset
     if dataset.eval_uri:
@@ -106,11 +106,11 @@ def teacher_vs_student(
 ) -> dict[str, Any]:
     """The distillation section of a teacher job's report (asks the teacher what its cache lacks).
     `serving`: (URL, model name) of a server with the student loaded, to time it there too."""
+    from tessera.job_artifacts import JobArtifacts
     from tessera.label import label_records, labelled_manifest, teacher_identity
     from tessera.label.client import RequestCounts
     from tessera.label.labeller import api_key_from_env
     from tessera.label.step import teacher_cache
-    from tessera.store.jobs import JobArtifacts
 
     teacher = job.spec.dataset.teacher
     assert teacher is not None

@@ -16,6 +16,7 @@ from typing import Any
 
 from tessera.api import Experiment
 from tessera.api.experiment import TRIAL_PARAMETERS_ANNOTATION, Axis
+from tessera.api.records import EvaluationReport
 from tessera.errors import TesseraError
 from tessera.experiment.cells import EXPERIMENT_LABEL
 
@@ -110,7 +111,7 @@ def katib_experiment(experiment: Experiment, owner: dict[str, Any] | None = None
     }
 
 
-def push_metrics(report: dict[str, Any]) -> dict[str, float] | None:
+def push_metrics(report: EvaluationReport) -> dict[str, float] | None:
     """Report the adapter's held-out metrics to Katib's DB manager, when Katib runs this job as a trial.
 
     Uses the `kubeflow-katib` SDK's `report_metrics` (the Push collector's client). Returns what was
@@ -120,7 +121,7 @@ def push_metrics(report: dict[str, Any]) -> dict[str, float] | None:
         return None
     from kubeflow.katib import report_metrics
 
-    metrics = {k: float(v) for k, v in (report.get("adapter") or {}).items()
+    metrics = {k: float(v) for k, v in report.adapter.items()
                if k in ("accuracy", "f1_weighted", "eval_loss", "mse", "rouge1", "rougeL", "binary_accuracy")
                and isinstance(v, (int, float)) and not isinstance(v, bool)}
     address = env.get(DB_MANAGER_ENV)

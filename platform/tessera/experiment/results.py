@@ -15,9 +15,10 @@ from pydantic.alias_generators import to_camel
 
 from tessera.api import FineTuneJob, paths
 from tessera.api.adapter_dir import MODEL_CARD_FILE, ModelCard
+from tessera.api.records import PublishedRecord
 from tessera.errors import TesseraError
+from tessera.job_artifacts import JobArtifacts
 from tessera.store import Store, join_key, open_store
-from tessera.store.jobs import JobArtifacts
 
 
 class CurvePoint(BaseModel):
@@ -76,8 +77,9 @@ def read_cell_result(job: FineTuneJob, *, values: dict[str, Any] | None = None, 
 
     `artifacts` is the job's store opened by the caller (the operator opens it with the job's Secret)."""
     artifacts = artifacts or JobArtifacts.open(job)
-    record = artifacts.store.get_json(artifacts.key(paths.published_key(job)))
-    adapter_key = artifacts.key(paths.adapter_prefix(job.metadata.namespace, record["name"], record["version"]))
+    key = artifacts.key(paths.published_key(job))
+    record = PublishedRecord.read(artifacts.store.get_json(key), key)
+    adapter_key = artifacts.key(paths.adapter_prefix(job.metadata.namespace, record.name, record.version))
     return read_published(artifacts.store, adapter_key,
                           training_log(artifacts.store, artifacts.key(paths.logs_prefix(job))),
                           name=job.metadata.name, values=values, repeat=repeat, wall_seconds=wall_seconds)

@@ -26,6 +26,7 @@ from tessera.api import FineTuneJob, paths
 from tessera.api.finetunejob import TeacherSpec
 from tessera.data.load import LINE_KEY, ROW_KEY, read_dataset
 from tessera.errors import TesseraError
+from tessera.job_artifacts import JobArtifacts
 from tessera.label.client import RequestCounts, TeacherError
 from tessera.label.labeller import (
     LabelStats,
@@ -37,7 +38,6 @@ from tessera.label.labeller import (
     teacher_identity,
 )
 from tessera.store import Store, join_key
-from tessera.store.jobs import JobArtifacts
 from tessera.tasks import RowError, Task, get_task
 from tessera.tasks.base import is_missing
 
