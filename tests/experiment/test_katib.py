@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tessera.api import FineTuneJob, parse_resource
+from tessera.api.records import EvaluationReport
 from tessera.errors import InvalidSpecError
 from tessera.experiment.katib import TRIAL_NAME_ENV, katib_experiment, push_metrics
 
@@ -107,7 +108,8 @@ def test_a_search_axis_takes_numbers_or_strings_only() -> None:
 
 def test_no_push_outside_a_katib_trial(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TRIAL_NAME_ENV, raising=False)
-    assert push_metrics({"adapter": {"accuracy": 0.8}}) is None
+    assert push_metrics(EvaluationReport(task="sentiment", metric="accuracy", samples=1,
+                                         adapter={"accuracy": 0.8})) is None
 
 
 def test_the_evaluate_step_pushes_its_metrics_to_katibs_db_manager(free_port: int,
@@ -135,8 +137,9 @@ def test_the_evaluate_step_pushes_its_metrics_to_katibs_db_manager(free_port: in
     server.add_insecure_port(f"127.0.0.1:{free_port}")
     server.start()
     try:
-        report = {"adapter": {"accuracy": 0.8125, "f1_weighted": 0.79, "eval_loss": 0.41, "per_class": {},
-                              "samplesPerSecond": 3.2}}
+        report = EvaluationReport(task="sentiment", metric="accuracy", samples=16,
+                                  adapter={"accuracy": 0.8125, "f1_weighted": 0.79, "eval_loss": 0.41,
+                                           "per_class": {}, "samplesPerSecond": 3.2})
         monkeypatch.setenv(TRIAL_NAME_ENV, "search-x7k2p")
         monkeypatch.setenv("TESSERA_KATIB_DB_MANAGER", f"127.0.0.1:{free_port}")
         pushed = push_metrics(report)
