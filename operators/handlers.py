@@ -124,7 +124,7 @@ def _emit(body: Any, events: list[Event]) -> None:
 
 
 def _failed(body: Any, patch: kopf.Patch, status: dict[str, Any], reason: str, message: str,
-            conditions: list[dict[str, str]], **fields: Any) -> None:
+            conditions: list[dict[str, str]], /, **fields: Any) -> None:
     """How anything the operator owns ends Failed, a job or an Adapter: phase Failed with `fields`, the
     conditions that say why (after `condition`, which redacts), and a Warning Event with the reason."""
     message = redact(message)
@@ -147,8 +147,7 @@ def _adapter_failed(body: Any, patch: kopf.Patch, status: dict[str, Any], reason
     an Event."""
     message = redact(message)
     _failed(body, patch, status, reason, message, [condition("Ready", False, reason, message)], message=message,
-            **fields)
-    patch.status["reason"] = reason
+            reason=reason, **fields)
 
 
 def _owned_by(obj: dict[str, Any], body: Any) -> bool | None:
