@@ -29,6 +29,7 @@ from .kube import KubeUnavailable
 from .quota import QuotaExceeded
 from .routes import Kind, Protocol, Route, classify, normalize
 from .settings import AccessPolicy, AccessSettings
+from .usage import close_counter, open_counter
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -220,13 +221,14 @@ class AccessControl:
                     parsed["stream_options"] = {**options, "include_usage": True}
                     body, strip = json.dumps(parsed).encode(), True
             answer = _Answer(strip)
+            counted, counting = open_counter()
             try:
                 await self.app(_with_length(scope, len(body)), _replay(body, receive), self._watch(send, answer))
             finally:
+                close_counter(counting)
                 record.status = answer.status or 500
-                usage = answer.usage or (_parse_usage(answer.kept) if not answer.sse else None)
-                if usage:
-                    record.tokens_in, record.tokens_out = usage
+                usage = answer.usage or (_parse_usage(answer.kept) if not answer.sse else None) or tuple(counted)
+                record.tokens_in, record.tokens_out = usage
                 self.policy.quotas.release(admission, record.tokens_in + record.tokens_out)
         except Refusal as refusal:
             record.status, record.decision, record.quota = refusal.status, refusal.decision, refusal.quota
