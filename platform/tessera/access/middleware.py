@@ -200,7 +200,7 @@ class AccessControl:
                 raise Refusal(403, "this identity may not use the model named in the request", "denied")
             await self._refresh_catalog(scope, model)
             record.base = self.policy.base
-            record.adapter = None if model == self.policy.base else model
+            record.adapter = None if self._is_base(model) else model
             record.version = self.policy.models.get(model)
             if route.inference:
                 record.prompt_sha256 = prompt_digest(_prompt(parsed))
@@ -330,11 +330,15 @@ class AccessControl:
         await send({**start, "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
         await send({"type": "http.response.body", "body": raw})
 
+    def _is_base(self, model: str) -> bool:
+        """The base by either of its names (`org/base` on OpenAI routes, `base` on KServe's)."""
+        return self.policy.base is not None and resource_name(model) == resource_name(self.policy.base)
+
     async def _refresh_catalog(self, scope: Scope, model: str) -> None:
         """Ask the runtime's own model list (in process, not over the network) when `model` is new to
         the catalog or the catalog is older than CATALOG_SECONDS: versions change on a reload."""
         now = time.monotonic()
-        if (model in self.policy.models or model == self.policy.base) and now - self._catalog_at < CATALOG_SECONDS:
+        if (model in self.policy.models or self._is_base(model)) and now - self._catalog_at < CATALOG_SECONDS:
             return
         self._catalog_at = now
         chunks: list[bytes] = []
