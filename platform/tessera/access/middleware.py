@@ -41,7 +41,6 @@ log = logging.getLogger("tessera.access")
 # Kept to read `usage` from a JSON answer; larger answers are passed on unread (tokens then unknown).
 MAX_INSPECTED_BYTES = 8 << 20
 CATALOG_SECONDS = 30.0
-_UNREADABLE = object()  # a body that is not JSON
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_denied",
           413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
@@ -191,11 +190,11 @@ class AccessControl:
             body, parsed = await self._read_body(scope, receive, route)
             model = route.model or (parsed.get("model") if isinstance(parsed, dict) else None)
             if not isinstance(model, str) or not model:
-                if parsed is _UNREADABLE or self.policy.open_access:
-                    # Nothing to authorize: the runtime refuses a body it cannot read, in its own words.
+                if self.policy.open_access:  # nothing to authorize: the runtime answers in its own words
                     await self._pass(scope, _replay(body, receive), send, record)
                     return
-                raise Refusal(400, "the request must name its model (the JSON body's `model`)", "invalid")
+                # Not even a body the runtime could not read passes: vLLM reads `model` from multipart forms too.
+                raise Refusal(400, "the request must be JSON naming its model (`model`)", "invalid")
             if not await self._allowed(identity, model):
                 raise Refusal(403, "this identity may not use the model named in the request", "denied")
             await self._refresh_catalog(scope, model)
@@ -270,7 +269,7 @@ class AccessControl:
         try:
             return body, json.loads(body) if body else None
         except ValueError:
-            return body, _UNREADABLE  # KServe's binary (v2) bodies name the model in the path
+            return body, None  # KServe's binary (v2) bodies name the model in the path
 
     async def _allowed(self, identity: Identity, model: str) -> bool:
         try:
