@@ -138,3 +138,15 @@ def test_settings_from_a_runtime_environment() -> None:
         AccessSettings(mode="open")
     with pytest.raises(ValueError, match="keys file"):
         AccessSettings(mode="keys")
+
+
+def test_tessera_serve_off_loopback_needs_an_explicit_mode() -> None:
+    from pydantic import ValidationError
+    from tessera.serve.settings import ServeSettings
+
+    with pytest.raises(ValidationError, match="needs --auth-mode"):
+        ServeSettings(model="m", host="0.0.0.0")  # noqa: S104 - what a pod binds
+    assert ServeSettings(model="m", host="0.0.0.0", auth_mode="none").access_settings().mode == "none"  # noqa: S104
+    assert ServeSettings(model="m").access_settings().mode == "none"  # loopback only: the laptop default
+    with pytest.raises(ValidationError, match="needs --api-keys"):
+        ServeSettings(model="m", auth_mode="keys")
