@@ -138,3 +138,24 @@ def test_settings_from_a_runtime_environment() -> None:
         AccessSettings(mode="open")
     with pytest.raises(ValueError, match="keys file"):
         AccessSettings(mode="keys")
+
+
+def test_tessera_serve_off_loopback_needs_an_explicit_mode() -> None:
+    from pydantic import ValidationError
+    from tessera.serve.settings import ServeSettings
+
+    with pytest.raises(ValidationError, match="needs --auth-mode"):
+        ServeSettings(model="m", host="0.0.0.0")  # noqa: S104 - what a pod binds
+    assert ServeSettings(model="m", host="0.0.0.0", auth_mode="none").access_settings().mode == "none"  # noqa: S104
+    assert ServeSettings(model="m").access_settings().mode == "none"  # loopback only: the laptop default
+    with pytest.raises(ValidationError, match="needs --api-keys"):
+        ServeSettings(model="m", auth_mode="keys")
+
+
+def test_prompt_digest_is_hashlib_of_the_field_and_survives_lone_surrogates() -> None:
+    from tessera.access.audit import prompt_digest
+
+    assert prompt_digest("Profit rose") == hashlib.sha256(b"Profit rose").hexdigest()
+    messages = [{"role": "user", "content": "hi"}]
+    assert prompt_digest(messages) == hashlib.sha256(b'[{"content":"hi","role":"user"}]').hexdigest()
+    assert len(prompt_digest("a\ud800b")) == 64 and prompt_digest(None) is None

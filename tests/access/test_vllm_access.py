@@ -181,6 +181,8 @@ def test_vllm_routes_get_identity_authorization_and_audit(vllm):
                                    base_url="http://predictor:8080", headers={"Authorization": "Bearer tok-ops"})
         found["remote_load"] = (await remote.post("/v1/load_lora_adapter", json={"lora_name": "x"})).status_code
         found["health"] = (await remote.get("/health")).status_code
+        # A body the middleware cannot read names no model it could check: refused, never passed on.
+        found["form"] = (await remote.post("/v1/audio/transcriptions", data={"model": "trading"})).status_code
         return found
 
     found = asyncio.run(drive())
@@ -191,11 +193,12 @@ def test_vllm_routes_get_identity_authorization_and_audit(vllm):
     assert found["ops"] == sorted([BASE, "wealth", "trading"])  # a group bound to every model
     assert {c["id"] for c in found["agent_list"]["data"]} == {BASE, "wealth", "trading"}
     assert found["agent_load"] == 200 and found["remote_load"] == 403 and found["health"] == 200
+    assert found["form"] == 400
 
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(line["status"], line["decision"]) for line in lines] == [
         (401, "unauthenticated"), (200, "allowed"), (403, "denied"), (200, "allowed"), (200, "allowed"),
-        (200, "allowed")]
+        (200, "allowed"), (400, "invalid")]
     completion, stream = lines[1], lines[4]
     assert completion["subject"] == f"system:serviceaccount:{NAMESPACE}:wealth-app"
     assert (completion["adapter"], completion["version"], completion["base"]) == ("wealth", SHA, BASE)

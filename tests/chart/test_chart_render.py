@@ -711,9 +711,13 @@ def test_only_the_operator_reaches_the_adapter_api_and_callers_only_the_inferenc
     assert selects(operator_peer["podSelector"], operator_labels)
     assert operator_peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
     assert {"podSelector": {}} in by_port[frozenset({8080})]
-    # Out of the pod: DNS and the store (storage initializer, agent); no API server, nothing else.
-    assert {port for rule in predictors["egress"] for port in ports_of(rule)} == {53, 9000}
+    # Out of the pod: DNS, the store (storage initializer, agent) and, for auth.mode kubernetes, the API
+    # server (TokenReview, SubjectAccessReview); nothing else.
+    assert {port for rule in predictors["egress"] for port in ports_of(rule)} == {53, 443, 6443, 9000}
     assert all(rule.get("ports") for rule in predictors["egress"])
+    keys_mode = render({"auth.mode": "keys"})
+    (predictors,) = policies_selecting(keys_mode, runtime(keys_mode)["spec"]["labels"])
+    assert {port for rule in predictors["egress"] for port in ports_of(rule)} == {53, 9000}
 
 
 def test_job_pods_talk_to_each_other_the_store_and_the_api_server_only() -> None:

@@ -190,6 +190,10 @@ def test_kubernetes_mode_on_kserve_routes(k8s_server):
     assert all("error" in f.response.json() for f in failures)  # KServe's own error shape
     index = httpx.get(f"{url}/v2/models", headers=granted).json()
     assert "trading" not in index["models"] and "wealth" in index["models"]
+    # KServe's answers carry no usage: the server counts the tokens in process, for the audit and quotas.
+    predict = [line for line in audit_lines(audit) if line["route"] == "POST /v1/models/wealth:predict"]
+    assert [line["status"] for line in predict] == [200, 403, 401]
+    assert predict[0]["tokens_in"] > 0 and predict[0]["tokens_out"] > 0 and predict[0]["prompt_sha256"]
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,8 @@ def prompt_digest(prompt: Any) -> str | None:
     if prompt is None:
         return None
     text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    # surrogatepass: a lone surrogate (valid JSON, not UTF-8) is hashed too; the runtime then refuses it.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass

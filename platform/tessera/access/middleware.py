@@ -29,6 +29,7 @@ from .kube import KubeUnavailable
 from .quota import QuotaExceeded
 from .routes import Kind, Protocol, Route, classify, normalize
 from .settings import AccessPolicy, AccessSettings
+from .usage import close_counter, open_counter
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,7 +41,6 @@ log = logging.getLogger("tessera.access")
 # Kept to read `usage` from a JSON answer; larger answers are passed on unread (tokens then unknown).
 MAX_INSPECTED_BYTES = 8 << 20
 CATALOG_SECONDS = 30.0
-_UNREADABLE = object()  # a body that is not JSON
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_denied",
           413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
@@ -190,16 +190,16 @@ class AccessControl:
             body, parsed = await self._read_body(scope, receive, route)
             model = route.model or (parsed.get("model") if isinstance(parsed, dict) else None)
             if not isinstance(model, str) or not model:
-                if parsed is _UNREADABLE or self.policy.open_access:
-                    # Nothing to authorize: the runtime refuses a body it cannot read, in its own words.
+                if self.policy.open_access:  # nothing to authorize: the runtime answers in its own words
                     await self._pass(scope, _replay(body, receive), send, record)
                     return
-                raise Refusal(400, "the request must name its model (the JSON body's `model`)", "invalid")
+                # Not even a body the runtime could not read passes: vLLM reads `model` from multipart forms too.
+                raise Refusal(400, "the request must be JSON naming its model (`model`)", "invalid")
             if not await self._allowed(identity, model):
                 raise Refusal(403, "this identity may not use the model named in the request", "denied")
             await self._refresh_catalog(scope, model)
             record.base = self.policy.base
-            record.adapter = None if model == self.policy.base else model
+            record.adapter = None if self._is_base(model) else model
             record.version = self.policy.models.get(model)
             if route.inference:
                 record.prompt_sha256 = prompt_digest(_prompt(parsed))
@@ -220,13 +220,14 @@ class AccessControl:
                     parsed["stream_options"] = {**options, "include_usage": True}
                     body, strip = json.dumps(parsed).encode(), True
             answer = _Answer(strip)
+            counted, counting = open_counter()
             try:
                 await self.app(_with_length(scope, len(body)), _replay(body, receive), self._watch(send, answer))
             finally:
+                close_counter(counting)
                 record.status = answer.status or 500
-                usage = answer.usage or (_parse_usage(answer.kept) if not answer.sse else None)
-                if usage:
-                    record.tokens_in, record.tokens_out = usage
+                usage = answer.usage or (_parse_usage(answer.kept) if not answer.sse else None) or tuple(counted)
+                record.tokens_in, record.tokens_out = usage
                 self.policy.quotas.release(admission, record.tokens_in + record.tokens_out)
         except Refusal as refusal:
             record.status, record.decision, record.quota = refusal.status, refusal.decision, refusal.quota
@@ -268,7 +269,7 @@ class AccessControl:
         try:
             return body, json.loads(body) if body else None
         except ValueError:
-            return body, _UNREADABLE  # KServe's binary (v2) bodies name the model in the path
+            return body, None  # KServe's binary (v2) bodies name the model in the path
 
     async def _allowed(self, identity: Identity, model: str) -> bool:
         try:
@@ -328,11 +329,15 @@ class AccessControl:
         await send({**start, "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
         await send({"type": "http.response.body", "body": raw})
 
+    def _is_base(self, model: str) -> bool:
+        """The base by either of its names (`org/base` on OpenAI routes, `base` on KServe's)."""
+        return self.policy.base is not None and resource_name(model) == resource_name(self.policy.base)
+
     async def _refresh_catalog(self, scope: Scope, model: str) -> None:
         """Ask the runtime's own model list (in process, not over the network) when `model` is new to
         the catalog or the catalog is older than CATALOG_SECONDS: versions change on a reload."""
         now = time.monotonic()
-        if (model in self.policy.models or model == self.policy.base) and now - self._catalog_at < CATALOG_SECONDS:
+        if (model in self.policy.models or self._is_base(model)) and now - self._catalog_at < CATALOG_SECONDS:
             return
         self._catalog_at = now
         chunks: list[bytes] = []

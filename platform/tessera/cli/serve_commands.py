@@ -82,8 +82,6 @@ def serve_command(
     """Serve a base model and hot-loaded LoRA adapters (OpenAI, vLLM adapter API, KServe v1/v2)."""
     from pydantic import ValidationError
 
-    from tessera.access.identity import KeysFileError
-    from tessera.access.quota import QuotaFileError
     from tessera.errors import InvalidSpecError
     from tessera.redact import install_log_redaction
     from tessera.serve.app import serve
@@ -107,7 +105,4 @@ def serve_command(
     except ValidationError as error:
         raise InvalidSpecError([f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()],
                                source="tessera serve") from None
-    try:
-        serve(settings)
-    except (KeysFileError, QuotaFileError) as error:
-        raise InvalidSpecError([str(error)], source="tessera serve") from None
+    serve(settings)

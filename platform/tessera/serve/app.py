@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from tessera.access.middleware import AccessControl
 from tessera.access.settings import AccessPolicy
+from tessera.errors import InvalidSpecError
 from tessera.serve.settings import ServeSettings
 
 if TYPE_CHECKING:  # imported when the server is built: it brings torch
@@ -53,7 +54,10 @@ def build_server(settings: ServeSettings) -> Server:
     from tessera.serve.runtime.service import ModelService, RequestLimits
 
     # Who may call which model, built before the model loads: a bad keys or quota file stops the start.
-    access_policy = AccessPolicy.build(settings.access_settings(settings.served_model_name))
+    try:
+        access_policy = AccessPolicy.build(settings.access_settings(settings.served_model_name))
+    except ValueError as error:  # a bad keys or quota file; kubernetes mode outside a pod without --kube-api-url
+        raise InvalidSpecError([str(error)], source="tessera serve") from None
     # A cache directory of our own (no --cache-dir) holds a downloaded base model: removed at exit.
     own_cache = settings.cache_dir is None
     cache_dir = settings.cache_dir or Path(tempfile.mkdtemp(prefix="tessera-serve-"))

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from tessera.access import usage as access_usage
 from tessera.serve import metrics
 from tessera.serve.errors import ServeError, model_not_found
 from tessera.serve.runtime.base_model import LoadedBase
@@ -263,13 +264,16 @@ class ModelService:
         self.engine.submit(request)
         metrics.PROMPT_TOKENS.labels(label).inc(len(prompt_ids))
         usage.prompt_tokens += len(prompt_ids)
+        access_usage.count(prompt_tokens=len(prompt_ids))  # charged to the caller's quota (KServe routes too)
         first = True
         try:
             async for deltas in stream.events():
                 if first:
                     metrics.FIRST_TOKEN_LATENCY.labels(label).observe(time.monotonic() - request.arrival)
                     first = False
-                usage.completion_tokens += sum(len(d.token_ids) for d in deltas)
+                generated = sum(len(d.token_ids) for d in deltas)
+                usage.completion_tokens += generated
+                access_usage.count(completion_tokens=generated)
                 yield deltas
             metrics.REQUEST_LATENCY.labels(label).observe(time.monotonic() - request.arrival)
         finally:
