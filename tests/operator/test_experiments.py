@@ -130,11 +130,17 @@ def test_experiment_fans_out_within_max_parallel_survives_a_restart_and_promotes
     reasons = {(e["type"], e["reason"]) for e in cluster.events(namespace, "ranks")}
     assert {("Normal", "CellStarted"), ("Warning", "CellFailed"), ("Normal", "WinnerPromoted")} <= reasons
 
-    # Deleting the experiment deletes its jobs (the garbage collector follows their owner references),
-    # not the adapter it promoted.
-    cluster.emulator.call(cluster.server.delete(cluster.kind(*EXP), namespace, "ranks"))
-    cluster.wait_for("the cell jobs to be collected", lambda: not cluster.list(*FTJ, namespace), 30)
+    # Deleting the experiment deletes its jobs (the garbage collector follows their owner references; the
+    # operator's finalizer removes each job's store prefix), not the adapter it promoted.
+    operator = OperatorProcess(cluster, [namespace], tmp_path / "operator-3.log").start()
+    try:
+        cluster.emulator.call(cluster.server.delete(cluster.kind(*EXP), namespace, "ranks"))
+        cluster.wait_for("the cell jobs to be collected", lambda: not cluster.list(*FTJ, namespace), 60, operator)
+    finally:
+        operator.stop()
     assert [a["metadata"]["name"] for a in cluster.list(*ADAPTER, namespace)] == [winner]
+    assert not (store / "jobs" / namespace / winner).exists()
+    assert Path(adapters[0]["spec"]["uri"].removeprefix("file://")).is_dir()
 
 
 def katib_crd(plural: str, kind: str) -> dict:
