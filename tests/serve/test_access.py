@@ -42,7 +42,7 @@ PROMPT = "Quarterly revenue of ACME rose"
 @pytest.fixture(scope="module")
 def two_adapters(tiny_base, tmp_path_factory) -> tuple[Path, Path]:
     """`wealth` and `trading`, each with a model card naming its task (KServe's predict needs one)."""
-    from tessera.serve.runtime.adapters import weights_sha256
+    from tessera.adapter_format import weights_sha256
 
     root = tmp_path_factory.mktemp("access-adapters")
     lines = []

@@ -18,8 +18,8 @@ from tessera.serve.runtime.registry import MAX_UNLOADED_RECORDS, AdapterRegistry
 class RecordingEngine:
     """Stands in for `Engine`: installs happen at once and are recorded in order."""
 
-    def __init__(self) -> None:
-        self.reloader = None
+    def __init__(self, reloader) -> None:
+        self.reloader = reloader
         self.installed: list[tuple[str, str]] = []  # (name, version the weights are)
         self.failed: list[str] = []
 
@@ -45,9 +45,10 @@ class RecordingEngine:
 def registry(tmp_path):
     for version in ("v1", "v2"):
         (tmp_path / version).mkdir()
-    engine = RecordingEngine()
     base = ServedBase(name="tiny", architecture=None, vocab_size=8, linear_shapes={})
-    registry = AdapterRegistry(engine, base, max_rank=16, allowed_prefixes=[str(tmp_path)], cache_dir=tmp_path)
+    registry = AdapterRegistry(RecordingEngine, base, max_rank=16, allowed_prefixes=[str(tmp_path)],
+                               cache_dir=tmp_path)
+    engine = registry.engine
     gate = threading.Event()
     entered = threading.Event()
 

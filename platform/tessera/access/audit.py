@@ -59,6 +59,14 @@ def metrics() -> dict[str, Any]:
     return _METRICS
 
 
+def forget_adapter_usage(adapter: str) -> None:
+    """Drop an unloaded adapter's token series: names come from callers, so series must not outlive what is
+    served (Prometheus has the counts from its scrapes; `increase()` reads a removed series as ended)."""
+    tokens = metrics().get("tokens")
+    if tokens is not None:
+        tokens.remove_by_labels({"adapter": adapter})
+
+
 def prompt_digest(prompt: Any) -> str | None:
     """SHA-256 of the prompt as the request carried it (canonical JSON of the field), or None."""
     if prompt is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Protocol
 
@@ -83,7 +84,8 @@ class KubernetesBackend:
 
         if self._api_client is None:
             try:
-                config.load_kube_config()
+                # KUBECONFIG as it is now: the kubernetes client reads it once, when first imported.
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
             except Exception:  # noqa: BLE001 - not on a laptop: the pod's service account
                 config.load_incluster_config()
             self._api_client = client.ApiClient()

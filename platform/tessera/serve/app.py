@@ -129,10 +129,12 @@ def build_server(settings: ServeSettings) -> Server:
 
     app = FastAPI(title="Tessera model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    # Middlewares, innermost first: the body limit, then the one request path (id, timing, counter)
-    # that every request passes, then the caller checks, outermost so a refused caller's body is never read.
-    app.add_middleware(limit_body_size, max_bytes=limits.max_request_bytes)
+    # Middlewares, innermost first: who may call what (identity, quota, audit), the body limit (outside the
+    # access check, which reads the body for the model's name: a declared oversize body is refused unread),
+    # the one request path (id, timing, counter) that every request passes, then the adapter API's guard,
+    # outermost so a refused caller's body is never read.
     app.add_middleware(AccessControl, policy=access_policy)
+    app.add_middleware(limit_body_size, max_bytes=limits.max_request_bytes)
     app.add_middleware(RequestPath, label_of=service.metric_label)
     if settings.adapter_api_loopback_only:
         from tessera.access.guard import LoopbackOnlyAdapterApi

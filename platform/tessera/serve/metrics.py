@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from tessera.access.audit import forget_adapter_usage
+
 BASE_LABEL = "base"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -57,3 +59,4 @@ def forget_adapter(name: str) -> None:
     """Remove every series of an adapter that is no longer served."""
     for metric in PER_ADAPTER:
         metric.remove_by_labels({"adapter": name})
+    forget_adapter_usage(name)

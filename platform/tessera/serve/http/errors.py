@@ -141,7 +141,20 @@ class limit_body_size:  # noqa: N801 - used as a middleware factory: app.add_mid
                     raise BodyTooLarge(_too_large(self.max_bytes))  # answered by `handle`, in the route's shape
             return message
 
-        await self.app(scope, counted, send)
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except BodyTooLarge as error:
+            # A middleware inside this one (the access check) read the body before any route did.
+            if started:
+                raise
+            await error_response(scope["path"], error.error)(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
