@@ -68,7 +68,9 @@ def main() -> None:
     base_url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "tessera", "serve", "--model", str(BASE_MODEL), "--port", str(port),
-         "--allowed-prefix", str(REPO / ".tessera" / "store")],
+         "--allowed-prefix", str(REPO / ".tessera" / "store"),
+         # One audit line per call (tessera.access): kept in a file, so the answers read on their own.
+         "--audit-file", str(REPO / ".tessera" / "demo-audit.jsonl")],
         cwd=REPO,
     )
     try:
