@@ -145,8 +145,8 @@ def test_tessera_serve_off_loopback_needs_an_explicit_mode() -> None:
     from tessera.serve.settings import ServeSettings
 
     with pytest.raises(ValidationError, match="needs --auth-mode"):
-        ServeSettings(model="m", host="0.0.0.0")  # noqa: S104 - what a pod binds
-    assert ServeSettings(model="m", host="0.0.0.0", auth_mode="none").access_settings().mode == "none"  # noqa: S104
+        ServeSettings(model="m", host="10.1.2.3")  # a pod's address, not loopback
+    assert ServeSettings(model="m", host="10.1.2.3", auth_mode="none").access_settings().mode == "none"
     assert ServeSettings(model="m").access_settings().mode == "none"  # loopback only: the laptop default
     with pytest.raises(ValidationError, match="needs --api-keys"):
         ServeSettings(model="m", auth_mode="keys")

@@ -34,7 +34,8 @@ def test_two_bases_runs_and_its_report_says_the_bases_differ(tmp_path: Path, tin
         "spec.template.spec.training.epochs=1", "spec.template.spec.evaluation.maxNewTokens=3",
     ])
     axis = experiment.spec.matrix.axes[0]
-    assert [v["name"] for v in axis.values] == ["HuggingFaceTB/SmolLM2-135M-Instruct", "tessera/tiny-llama"]
+    assert [v["name"] for v in axis.values] == ["HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                 "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF-Q4_1"]
     axis.values = [{"uri": str(other), "name": "tiny-seed-1", "quantization": {"bits": None}},
                    {"uri": str(tiny_model_dir), "name": "tessera/tiny-llama", "quantization": {"bits": None}}]
     outcome = run_experiment(experiment, show_progress=False)

@@ -236,7 +236,7 @@ class DeepSpeedEngine:
             self.module.save_pretrained(directory)
 
     def load(self, directory: Path) -> None:
-        # DeepSpeed's own loader unpickles with weights_only=False: every file of ours goes through
+        # DeepSpeed's own loader unpickles any object a file holds: every file of ours goes through
         # `load_weights_only` instead, so a planted pickle fails to load rather than runs.
         self.engine.checkpoint_engine.load = load_weights_only
         path, _ = self.engine.load_checkpoint(
